@@ -1,0 +1,62 @@
+"""Per-token log-probabilities and entropy from vocab-parallel logits (Megatron's vocab-parallel CE).
+
+The vocab is padded to a multiple of 128 * TP; the padded columns live at the end of the last TP
+rank's shard. They are masked to -inf here, so they never reach sampling, losses or logprobs.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+
+def _shard_range(shard_width: int) -> tuple[int, int]:
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return rank * shard_width, (rank + 1) * shard_width
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Return float32 logits with this shard's padded-vocab columns set to -inf (a new tensor)."""
+    lo, hi = _shard_range(logits.shape[-1])
+    out = logits.float()
+    if hi <= vocab_size:
+        # A copy either way: vocab_parallel_cross_entropy subtracts the max in place.
+        return out.clone() if out is logits else out
+    cols = torch.arange(lo, hi, device=logits.device) >= vocab_size
+    return out.masked_fill(cols, float("-inf"))
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(target) for vocab-parallel ``logits`` [..., V/TP] and ``targets`` [...] (differentiable).
+
+    ``temperature`` divides the logits first, so the trainer scores tokens with the same
+    distribution the sampler drew them from (trl #4159); the open-rs recipe uses 1.0.
+    """
+    logits = mask_padded_vocab(logits, vocab_size)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the (temperature-scaled) next-token distribution, [...] (metric only, no grad)."""
+    logits = mask_padded_vocab(logits, vocab_size) / temperature
+    group = parallel_state.get_tensor_model_parallel_group()
+    m = logits.max(dim=-1).values
+    torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    z = logits - m.unsqueeze(-1)
+    e = z.exp()
+    sum_e = e.sum(-1)
+    sum_ez = (e * torch.where(torch.isfinite(z), z, torch.zeros_like(z))).sum(-1)
+    torch.distributed.all_reduce(sum_e, group=group)
+    torch.distributed.all_reduce(sum_ez, group=group)
+    return sum_e.log() - sum_ez / sum_e
+
+
+def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """All-gather vocab-parallel logits over TP and drop the padded columns: [..., vocab_size]."""
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.contiguous())
+    return full[..., :vocab_size]
