@@ -1,0 +1,174 @@
+"""Rollout generators: the interface the GRPO loop talks to, and the built-in Megatron generator.
+
+``Generator.generate(prompt_ids, n, sampling) -> GenerationOutput`` is all the trainer needs, so a
+co-located vLLM engine plugs in beside the built-in one. The built-in generator drives the
+training model itself through Megatron-Core's own KV-cache path (a ``StaticInferenceContext``
+passed to ``GPTModel.forward``; megatron.core.inference's engines hard-code CUDA, the model path
+does not). All TP ranks run in lock step: logits are gathered over TP and the sampled tokens are
+broadcast from TP rank 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from models.qwen.model import attention_mask, unwrap
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationOutput:
+    """Completions for ``len(prompts) * n`` samples, grouped per prompt (prompt i -> [i*n, (i+1)*n))."""
+
+    completion_ids: list[list[int]]  # up to and including EOS when one was sampled
+    logprobs: list[list[float]]  # log p of each sampled token under the temperature-scaled model
+    finished: list[bool]  # False = truncated at max_new_tokens
+    weight_version: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Generator(Protocol):
+    """What the GRPO loop needs from a rollout engine (built-in Megatron, or vLLM)."""
+
+    weight_version: int
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> GenerationOutput: ...
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None: ...
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of float32 ``logits`` [B, V]; returns (tokens, logprobs).
+
+    The logprob is taken under the temperature-scaled *full* distribution (before top-k/top-p
+    truncation), the quantity the trainer recomputes; greedy (T=0) reports the T=1 logprob.
+    """
+    t = sampling.temperature
+    scaled = logits / t if t > 0 else logits
+    logp_full = torch.log_softmax(scaled, dim=-1)
+    if t == 0:
+        tok = scaled.argmax(-1)
+        return tok, logp_full.gather(-1, tok[:, None])[:, 0]
+    filt = scaled.clone()
+    if sampling.top_k > 0 and sampling.top_k < filt.shape[-1]:
+        kth = filt.topk(sampling.top_k, dim=-1).values[:, -1:]
+        filt = filt.masked_fill(filt < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        srt, idx = filt.sort(dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > sampling.top_p  # keep the smallest prefix reaching top_p
+        filt = filt.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    probs = filt.softmax(-1)
+    tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return tok, logp_full.gather(-1, tok[:, None])[:, 0]
+
+
+class MegatronGenerator:
+    """Built-in generator over the (TP-sharded) training model, batched with a static KV cache."""
+
+    def __init__(
+        self, model: torch.nn.Module, vocab_size: int, eos_token_ids: list[int], pad_token_id: int
+    ) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
+        self.pad_token_id = pad_token_id
+        self.weight_version = 0
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """The built-in generator shares the trainer's parameters: syncing is recording the version."""
+        self.model = model
+        self.weight_version = version
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> GenerationOutput:
+        gpt = unwrap(self.model)
+        was_training = gpt.training
+        gpt.eval()
+        try:
+            return self._generate(gpt, [p for p in prompt_ids for _ in range(n)], sampling)
+        finally:
+            gpt.train(was_training)
+
+    def _generate(
+        self, gpt: torch.nn.Module, prompts: list[list[int]], sampling: SamplingConfig
+    ) -> GenerationOutput:
+        device = next(gpt.parameters()).device
+        B, S, N = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
+        ids = torch.full((B, S), self.pad_token_id, dtype=torch.long)
+        pad = torch.ones(B, S + N, dtype=torch.bool)  # True = attend; prompts are left-padded
+        pad[:, :S] = False
+        for i, p in enumerate(prompts):
+            ids[i, S - len(p) :] = torch.tensor(p)
+            pad[i, S - len(p) :] = True
+        ids, pad = ids.to(device), pad.to(device)
+        # Same stream on the TP ranks of a DP replica, distinct across replicas; the trainer varies
+        # sampling.seed per step so a resumed run draws what an uninterrupted one would.
+        gen = torch.Generator().manual_seed(
+            sampling.seed * 1_000_003 + parallel_state.get_data_parallel_rank()
+        )
+        ctx = StaticInferenceContext(B, S + N)
+        tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long)
+        logps = torch.zeros(B, N)
+        done = torch.zeros(B, dtype=torch.bool)
+        lengths = torch.full((B,), N, dtype=torch.long)
+        inp, pos, mask = ids, torch.arange(S, device=device)[None].expand(B, S), attention_mask(pad[:, :S])
+        for t in range(N):
+            logits = gpt(inp, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            ctx.sequence_len_offset += inp.shape[1]
+            last = logits[:, -1, : self.vocab_size].float().cpu()  # padded vocab never sampled
+            tok, lp = sample_next(last, sampling, gen)
+            tok = self._broadcast_tp(tok)
+            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
+            tokens[:, t], logps[:, t] = tok, torch.where(done, torch.zeros_like(lp), lp)
+            hit_eos = ~done & torch.isin(tok, self.eos)
+            lengths = torch.where(hit_eos, torch.full_like(lengths, t + 1), lengths)
+            done |= hit_eos
+            if bool(done.all()):
+                break
+            inp = tok[:, None].to(device)
+            pos = torch.full((B, 1), S + t, device=device)
+            mask = ~pad[:, : S + t + 1][:, None, None, :]
+        finished = done.tolist()
+        out_ids = [tokens[i, : lengths[i]].tolist() for i in range(B)]
+        out_lp = [logps[i, : lengths[i]].tolist() for i in range(B)]
+        return GenerationOutput(
+            out_ids, out_lp, finished, self.weight_version, {"gen_tokens": float(lengths.sum())}
+        )
+
+    @staticmethod
+    def _broadcast_tp(tok: torch.Tensor) -> torch.Tensor:
+        """TP ranks see identical gathered logits; broadcasting from TP rank 0 makes lock step certain."""
+        group = parallel_state.get_tensor_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return tok
+        src = dist.get_global_rank(group, 0)
+        t = tok.to(torch.cuda.current_device()) if torch.cuda.is_available() else tok.clone()
+        dist.broadcast(t, src=src, group=group)
+        return t.cpu()

@@ -1,0 +1,320 @@
+r"""GRPO policy loss: clipped surrogate, KL to a frozen reference, aggregation.
+
+The objective (DeepSeekMath, Shao et al. 2024, eq. 3; TRL's ``GRPOTrainer``) for a
+prompt ``q`` with a group of ``G`` sampled completions ``o_1..o_G``::
+
+    J_GRPO(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/G Σ_i 1/|o_i| Σ_t (
+                    min( r_{i,t}(θ) Â_{i,t},
+                         clip(r_{i,t}(θ), 1 - ε_low, 1 + ε_high) Â_{i,t} )
+                    - β D_KL[π_θ || π_ref]_{i,t} ) ]
+
+with
+
+* ``r_{i,t}(θ) = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})``
+  the importance ratio against the policy that produced the stored "old"
+  logprobs (TRL ``coef_1``; ``ratio`` here);
+* ``Â_{i,t} = Â_i`` the group-relative advantage of completion ``i``, the same for
+  all its tokens (:func:`engine.advantages.group_advantages`);
+* ``ε_low, ε_high`` the clip range (``clip_eps_low`` / ``clip_eps_high``; DAPO's
+  "clip-higher" uses ``ε_high > ε_low``);
+* ``β`` the KL coefficient (``beta``) and ``π_ref`` the frozen initial policy;
+* ``D_KL`` the per-token KL estimate (Schulman's estimators) of
+  ``log_r = log π_ref - log π_θ``:
+
+  - ``k1 = -log_r = log π_θ - log π_ref``
+  - ``k2 = ½ log_r²``
+  - ``k3 = exp(log_r) - log_r - 1 = π_ref/π_θ - log(π_ref/π_θ) - 1``  (DeepSeekMath,
+    TRL, verl ``low_var_kl``; unbiased and always ``>= 0``)
+
+The loss minimised here is ``-J`` per token::
+
+    pg_t   = max(-Â r_t, -Â clip(r_t, 1-ε_low, 1+ε_high))    # PPO pessimistic bound
+    pg_t   = min(pg_t, -Â c)           if Â < 0 and dual_clip_c = c   (dual clip)
+    pg_t   = w_t · pg_t,  w_t = min(exp(logp_old - logp_rollout), tis_cap)  (TIS, detached)
+    loss_t = pg_t + β · KL_t
+
+then aggregated over valid tokens (``loss_agg``):
+
+* ``token-mean``: ``Σ_{b,t} loss_t m_t / Σ_{b,t} m_t`` over this micro-batch
+  (TRL at the pinned commit and verl's default), or ``/ loss_scale_tokens`` when
+  the trainer passes a global token count (across DP ranks and micro-batches);
+* ``seq-mean-token-mean``: ``mean_b( Σ_t loss_t m_t / Σ_t m_t )`` (the paper's
+  ``1/G Σ_i 1/|o_i| Σ_t``);
+* ``seq-mean-token-sum-norm``: ``mean_b( Σ_t loss_t m_t / L )`` with a constant
+  ``L = norm_length`` (Dr. GRPO), by default the padded length ``T``.
+
+Sequence means run over the rows that have at least one valid token, so an all
+padding row contributes nothing and never produces ``NaN``.
+
+With ``num_iterations == 1`` and ``old_logprobs=None`` the ratio is
+``exp(logp - logp.detach()) == 1``: the clip is inert and the gradient is the plain
+policy gradient ``-Â ∇logp`` per token (TRL at ``num_iterations=1``).
+
+Clamping (``kl_clamp``, following verl ``low_var_kl`` / NeMo-RL
+``kl_input_clamp_value``): ``log_r`` is clamped to ``[-kl_clamp, kl_clamp]`` for
+every estimator, and the k3 value is further clamped to ``[-10, 10]``.
+``kl_clamp=None`` disables both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ADVANTAGE_BASELINES",
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "LossConfig",
+    "grpo_loss",
+    "kl_penalty",
+    "masked_mean",
+]
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ADVANTAGE_BASELINES = ("mean", "leave_one_out")
+K3_OUTPUT_CLAMP = 10.0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.04  # KL coefficient against the frozen reference
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_clamp: float | None = 20.0  # clamp log-ratio input; k3 output clamped to [-10, 10]
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip_c: float | None = None  # e.g. 3.0: dual clip for A < 0 (verl clip_ratio_c)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    norm_length: int | None = None  # constant for seq-mean-token-sum-norm; default T
+    tis_cap: float | None = None  # truncated IS: weight min(exp(old - rollout), cap)
+    scale_rewards: bool = True  # advantages: divide by group std (False = Dr.GRPO)
+    advantage_baseline: str = "mean"  # mean | leave_one_out
+    num_iterations: int = 1  # mu: policy updates per batch over stored old logprobs
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: object, valid: str) -> ValueError:
+            return ValueError(f"LossConfig.{field}={value!r} is invalid; valid options: {valid}")
+
+        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta < 0:
+            raise bad("beta", self.beta, "a finite number >= 0")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise bad("kl_estimator", self.kl_estimator, str(list(KL_ESTIMATORS)))
+        if self.kl_clamp is not None and (not _is_number(self.kl_clamp) or self.kl_clamp <= 0):
+            raise bad("kl_clamp", self.kl_clamp, "None or a number > 0")
+        if (
+            not _is_number(self.clip_eps_low)
+            or not math.isfinite(self.clip_eps_low)
+            or not 0 <= self.clip_eps_low < 1
+        ):
+            raise bad("clip_eps_low", self.clip_eps_low, "a number in [0, 1)")
+        if (
+            not _is_number(self.clip_eps_high)
+            or not math.isfinite(self.clip_eps_high)
+            or self.clip_eps_high < 0
+        ):
+            raise bad("clip_eps_high", self.clip_eps_high, "a finite number >= 0")
+        if self.dual_clip_c is not None and (not _is_number(self.dual_clip_c) or not self.dual_clip_c > 1):
+            raise bad("dual_clip_c", self.dual_clip_c, "None or a number > 1 (e.g. 3.0)")
+        if self.loss_agg not in LOSS_AGG_MODES:
+            raise bad("loss_agg", self.loss_agg, str(list(LOSS_AGG_MODES)))
+        if self.norm_length is not None and (
+            isinstance(self.norm_length, bool)
+            or not isinstance(self.norm_length, int)
+            or self.norm_length < 1
+        ):
+            raise bad("norm_length", self.norm_length, "None or an int >= 1")
+        if self.tis_cap is not None and (not _is_number(self.tis_cap) or not self.tis_cap > 0):
+            raise bad("tis_cap", self.tis_cap, "None or a number > 0 (e.g. 2.0)")
+        if not isinstance(self.scale_rewards, bool):
+            raise bad("scale_rewards", self.scale_rewards, "True or False")
+        if self.advantage_baseline not in ADVANTAGE_BASELINES:
+            raise bad(
+                "advantage_baseline",
+                self.advantage_baseline,
+                str(list(ADVANTAGE_BASELINES)),
+            )
+        if (
+            isinstance(self.num_iterations, bool)
+            or not isinstance(self.num_iterations, int)
+            or self.num_iterations < 1
+        ):
+            raise bad("num_iterations", self.num_iterations, "an int >= 1")
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """``Σ x·mask / Σ mask`` over ``dim`` (all elements when ``None``).
+
+    Entries where the mask sums to zero give ``0`` (not ``NaN``); masked-out
+    entries of ``x`` never reach the result, even if they are ``inf``/``NaN``.
+    """
+    m = mask.to(x.dtype)
+    keep = m != 0
+    xm = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) * m
+    if dim is None:
+        num, den = xm.sum(), m.sum()
+    else:
+        num, den = xm.sum(dim=dim), m.sum(dim=dim)
+    safe = torch.where(den != 0, den, torch.ones_like(den))
+    return torch.where(den != 0, num / safe, torch.zeros_like(num))
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, clamp: float | None) -> Tensor:
+    """Per-token KL estimate of ``KL[π_θ || π_ref]`` from ``log_r = ref - logp``.
+
+    ``k1 = -log_r``, ``k2 = ½ log_r²``, ``k3 = exp(log_r) - log_r - 1``. With
+    ``clamp`` set, ``log_r`` is clamped to ``[-clamp, clamp]`` and k3's value to
+    ``[-10, 10]`` (verl ``low_var_kl``).
+    """
+    log_r = ref_logprobs - logprobs
+    if clamp is not None:
+        log_r = log_r.clamp(-clamp, clamp)
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        kl = torch.exp(log_r) - log_r - 1.0
+        if clamp is not None:
+            kl = kl.clamp(-K3_OUTPUT_CLAMP, K3_OUTPUT_CLAMP)
+        return kl
+    raise ValueError(f"kl_estimator={estimator!r} is invalid; valid options: {list(KL_ESTIMATORS)}")
+
+
+def _check_bt(name: str, x: Tensor | None, shape: torch.Size) -> None:
+    if x is not None and x.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} [B, T], got {tuple(x.shape)}")
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: LossConfig,
+    *,
+    rollout_logprobs: Tensor | None = None,
+    loss_scale_tokens: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss (``-J_GRPO``, see the module docstring) for one micro-batch.
+
+    Args:
+        logprobs: ``[B, T]`` current-policy token logprobs (with grad).
+        old_logprobs: ``[B, T]`` logprobs of the policy before this batch's updates
+            (``π_θ_old``), or ``None`` for on-policy (``logprobs.detach()``).
+        ref_logprobs: ``[B, T]`` frozen reference logprobs; may be ``None`` when
+            ``cfg.beta == 0``.
+        advantages: ``[B]`` per-sequence advantages (treated as constants).
+        mask: ``[B, T]`` bool or 0/1, valid completion tokens. Values of the other
+            inputs at masked-out positions are ignored (may be garbage / inf).
+        cfg: :class:`LossConfig`.
+        rollout_logprobs: ``[B, T]`` logprobs reported by the rollout engine;
+            required when ``cfg.tis_cap`` is set.
+        loss_scale_tokens: ``token-mean`` only: denominator replacing this
+            micro-batch's ``mask.sum()`` (e.g. the global token count of the step,
+            so that summing over micro-batches and DP ranks gives the global
+            token mean).
+
+    Returns:
+        ``(loss, metrics)``: scalar loss in ``promote(logprobs.dtype, float32)`` and
+        detached scalar metrics ``kl`` (masked mean of the unscaled KL estimate,
+        ``0`` when no reference is given), ``clip_frac``, ``dual_clip_frac``,
+        ``ratio_mean``, ``pg_loss`` (the policy term aggregated like the loss) and,
+        with TIS, ``tis_weight_mean``. Metric means are over this micro-batch's
+        valid tokens.
+    """
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be 2-D [B, T], got shape {tuple(logprobs.shape)}")
+    shape = logprobs.shape
+    B, T = shape
+    _check_bt("old_logprobs", old_logprobs, shape)
+    _check_bt("ref_logprobs", ref_logprobs, shape)
+    _check_bt("rollout_logprobs", rollout_logprobs, shape)
+    _check_bt("mask", mask, shape)
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must have shape ({B},) [B], got {tuple(advantages.shape)}")
+    if cfg.beta != 0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs is required when LossConfig.beta={cfg.beta} != 0")
+    if cfg.tis_cap is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_logprobs is required when LossConfig.tis_cap={cfg.tis_cap} is set")
+    if loss_scale_tokens is not None and cfg.loss_agg != "token-mean":
+        raise ValueError(
+            f"loss_scale_tokens is only meaningful for loss_agg='token-mean', got loss_agg={cfg.loss_agg!r}"
+        )
+
+    dt = torch.promote_types(logprobs.dtype, torch.float32)
+    keep = mask.bool() if mask.dtype != torch.bool else mask
+    m = keep.to(dt)
+    zero = torch.zeros((), dtype=dt, device=logprobs.device)
+
+    def clean(x: Tensor) -> Tensor:
+        # Padded positions may hold garbage; zero them before any exp/square.
+        return torch.where(keep, x.to(dt), zero)
+
+    logp = clean(logprobs)
+    old = logp.detach() if old_logprobs is None else clean(old_logprobs).detach()
+    adv = advantages.detach().to(dt).unsqueeze(1)  # [B, 1]
+
+    # Clipped surrogate (pessimistic bound on -ratio*A).
+    ratio = torch.exp(logp - old)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    clipped = pg2 > pg1
+    pg = torch.where(clipped, pg2, pg1)
+    if cfg.dual_clip_c is not None:
+        pg3 = -adv * cfg.dual_clip_c
+        dual = (adv < 0) & (pg > pg3)
+        pg = torch.where(dual, pg3.expand_as(pg), pg)
+    else:
+        dual = torch.zeros_like(keep)
+
+    tis_w = None
+    if cfg.tis_cap is not None:
+        rollout = clean(rollout_logprobs).detach()
+        tis_w = torch.exp(old - rollout).clamp(max=cfg.tis_cap).detach()
+        pg = pg * tis_w
+
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, clean(ref_logprobs).detach(), cfg.kl_estimator, cfg.kl_clamp)
+        kl = torch.where(keep, kl, zero)
+    else:
+        kl = None
+    per_token = pg + cfg.beta * kl if (kl is not None and cfg.beta != 0) else pg
+
+    def aggregate(x: Tensor) -> Tensor:
+        x = torch.where(keep, x, zero) * m
+        if cfg.loss_agg == "token-mean":
+            if loss_scale_tokens is not None:
+                return x.sum() / loss_scale_tokens
+            return x.sum() / m.sum().clamp(min=1.0)
+        tokens = m.sum(dim=1)
+        nonempty = (tokens > 0).to(dt)
+        n_seq = nonempty.sum().clamp(min=1.0)
+        if cfg.loss_agg == "seq-mean-token-mean":
+            seq = x.sum(dim=1) / tokens.clamp(min=1.0)
+        else:  # seq-mean-token-sum-norm
+            seq = x.sum(dim=1) / float(cfg.norm_length if cfg.norm_length is not None else T)
+        return (seq * nonempty).sum() / n_seq
+
+    loss = aggregate(per_token)
+
+    with torch.no_grad():
+        metrics = {
+            "kl": masked_mean(kl, keep) if kl is not None else zero.clone(),
+            "clip_frac": masked_mean(clipped.to(dt), keep),
+            "dual_clip_frac": masked_mean(dual.to(dt), keep),
+            "ratio_mean": masked_mean(ratio, keep),
+            "pg_loss": aggregate(pg),
+        }
+        if tis_w is not None:
+            metrics["tis_weight_mean"] = masked_mean(tis_w, keep)
+        metrics = {k: v.detach() for k, v in metrics.items()}
+    return loss, metrics

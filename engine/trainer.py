@@ -1,0 +1,354 @@
+"""GRPO on Megatron-Core, one optimizer step top to bottom: ``GRPOTrainer.train_step``.
+
+    ROLLOUT   sample G completions per prompt with the generator (built-in Megatron or vLLM)
+    REWARD    score them (reward functions in a process pool, TP rank 0), gather over DP
+    ADVANTAGE group-normalise rewards: A = (r - mean_g) / (std_g + 1e-4)
+    LOGPROBS  reference (frozen initial model) and old (only when mu > 1) log-probabilities
+    TRAIN     per micro-batch: policy logprobs -> GRPO loss -> backward; DDP grad all-reduce,
+              clip, AdamW step, LR schedule
+    SYNC      bump the weight version and hand the new weights to the generator
+
+Loss normalisation (as open-rs / TRL at the pinned commit): token-mean per micro-batch per rank,
+averaged over the micro-batches (loss / n_micro) and over DP ranks (Megatron DDP averages grads).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from engine.advantages import group_advantages
+from engine.data import PromptBatch, PromptSampler, load_tokenizer, prepare_prompts
+from engine.generator import GenerationOutput, MegatronGenerator, SamplingConfig
+from engine.logger import MetricsLogger
+from engine.logprobs import token_entropy, token_logprobs
+from engine.loss import LossConfig, grpo_loss, masked_mean
+from engine.optimizer import build_optimizer, build_scheduler
+from engine.rewards import RewardScorer
+from engine.train_config import TrainConfig
+from models.qwen.config import QwenConfig, parse_dtype
+from models.qwen.model import build_model, forward_logits
+from parallel.collectives import all_gather_dp, all_reduce_dp
+from parallel.ddp import wrap_ddp
+from parallel.distributed import dp_rank, dp_size, init_distributed, tp_rank
+
+
+class TrainingError(RuntimeError):
+    """A run-stopping problem (non-finite loss, stale rollout weights); the message says what and where."""
+
+
+@dataclass
+class MicroBatch:
+    """Rows of [left-padded prompt | right-padded completion]; completion tokens start at column P."""
+
+    input_ids: torch.Tensor  # [b, P + C]
+    attn: torch.Tensor  # [b, P + C] True = real token
+    completion_mask: torch.Tensor  # [b, C] True = token in the loss (up to and including EOS)
+    P: int
+    rows: slice
+
+
+def build_micro_batch(
+    prompts: list[list[int]], completions: list[list[int]], rows: slice, pad_id: int
+) -> MicroBatch:
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[i, P - len(p) : P + len(c)] = True
+    return MicroBatch(ids, attn, attn[:, P:].clone(), P, rows)
+
+
+def completion_logprobs(
+    model: torch.nn.Module, mb: MicroBatch, vocab_size: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each completion token [b, C], its vocab-parallel logits [b, C, V/TP])."""
+    device = next(model.parameters()).device
+    logits = forward_logits(model, mb.input_ids.to(device), mb.attn.to(device))
+    logits = logits[:, mb.P - 1 : -1]  # position t predicts token t + 1
+    return token_logprobs(logits, mb.input_ids[:, mb.P :].to(device), vocab_size, temperature).cpu(), logits
+
+
+def accumulate_policy_grads(
+    model: torch.nn.Module,
+    mbs: list[MicroBatch],
+    advantages: torch.Tensor,
+    ref_lp: list[torch.Tensor] | None,
+    old_lp: list[torch.Tensor] | None,
+    rollout_lp: list[torch.Tensor] | None,
+    loss_cfg: LossConfig,
+    vocab_size: int,
+    temperature: float = 1.0,
+    check_finite=None,
+    sampling_temperature: float | None = None,
+) -> dict[str, float]:
+    """Forward/backward every micro-batch; grads accumulate in DDP's buffers as the mean over
+    micro-batches of each micro-batch's GRPO loss. Returns the loss metrics averaged the same way."""
+    sums: dict[str, float] = {}
+    for i, mb in enumerate(mbs):
+        lp, logits = completion_logprobs(model, mb, vocab_size, temperature)
+        loss, m = grpo_loss(
+            lp, old_lp[i] if old_lp else None, ref_lp[i] if ref_lp else None,
+            advantages[mb.rows], mb.completion_mask, loss_cfg,
+            rollout_logprobs=rollout_lp[i] if (loss_cfg.tis_cap and rollout_lp) else None,
+        )  # fmt: skip
+        if check_finite is not None:
+            check_finite(loss, i)
+        (loss / len(mbs)).backward()
+        mask = mb.completion_mask
+        with torch.no_grad():
+            extra = {
+                "loss": loss.detach(),
+                "entropy": masked_mean(token_entropy(logits.detach(), vocab_size, temperature).cpu(), mask),
+            }
+            if rollout_lp is not None and temperature == sampling_temperature:  # same distribution scored
+                extra["logp_diff"] = masked_mean((lp.detach() - rollout_lp[i]).abs(), mask)
+        for k, v in {**m, **extra}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(mbs)
+    return sums
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.seed)
+        self.qcfg = QwenConfig.from_file(cfg.model.config or cfg.model.hf_checkpoint)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if len(self.tokenizer) > self.qcfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {cfg.data.tokenizer} has {len(self.tokenizer)} tokens but the model vocab "
+                f"({cfg.model.config or cfg.model.hf_checkpoint}) is {self.qcfg.vocab_size}"
+            )
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+        # Data first: bad input fails before any model memory is spent.
+        ro = cfg.rollout
+        dataset = prepare_prompts(
+            cfg.data,
+            self.tokenizer,
+            vocab_size=self.qcfg.vocab_size,
+            max_completion_length=ro.max_completion_length,
+            max_context=self.qcfg.max_position_embeddings,
+        )
+        self.sampler = PromptSampler(
+            dataset, ro.prompts_per_step, ro.num_generations, dp_rank(), dp_size(), seed=cfg.data.shuffle_seed
+        )
+
+        model = build_model(self.qcfg, parse_dtype(cfg.model.dtype))
+        if cfg.model.hf_checkpoint:
+            from models.qwen.checkpoint import SafetensorsReader
+            from models.qwen.model import load_hf_weights
+
+            load_hf_weights(model, self.qcfg, SafetensorsReader(cfg.model.hf_checkpoint, self.qcfg))
+        # The KL reference: a frozen copy of the initial policy.
+        self.ref_model = None
+        if cfg.loss.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            self.ref_model.requires_grad_(False)
+        self.model = wrap_ddp(model, cfg.optim.use_distributed_optimizer and torch.cuda.is_available())
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps * cfg.loss.num_iterations)
+
+        self.generator = MegatronGenerator(self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id)
+        self.weight_version = 0
+        self.generator.sync_weights(self.model, self.weight_version)
+        # Reward functions run once per DP replica (TP rank 0) and are broadcast to the TP peers.
+        self.scorer = RewardScorer(cfg.rewards) if tp_rank() == 0 else None
+        self.logger = MetricsLogger(cfg.logging.dir, cfg.max_steps)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, ro = self.cfg, self.cfg.rollout
+        G = ro.num_generations
+        t_start = time.time()
+        batch: PromptBatch = next(self.sampler)
+
+        # 1. ROLLOUT ------------------------------------------------------------------------
+        sampling = SamplingConfig(
+            ro.temperature, ro.top_p, ro.top_k, ro.max_completion_length, seed=cfg.seed * 7919 + self.step
+        )
+        out: GenerationOutput = self.generator.generate(batch.prompt_ids[::G], G, sampling)
+        if out.weight_version != self.weight_version:
+            raise TrainingError(
+                f"step {self.step}: rollout used weight version {out.weight_version}, trainer is at "
+                f"{self.weight_version} (stale generator weights)"
+            )
+        t_rollout = time.time()
+
+        # 2. REWARD -------------------------------------------------------------------------
+        texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        lengths = [len(c) for c in out.completion_ids]
+        scored = None
+        if self.scorer is not None:
+            res = self.scorer(texts, batch.answers, completion_lengths=lengths, group_size=G)
+            scored = (res.total, res.per_function, res.num_timeouts, res.num_errors)
+        scored = self._broadcast_from_tp0(scored)
+        rewards = torch.tensor(scored[0], dtype=torch.float32)
+
+        # 3. ADVANTAGE (groups never straddle DP ranks; gathered anyway for exact global stats) ----
+        all_rewards = all_gather_dp(rewards)
+        all_adv = group_advantages(
+            all_rewards, G, scale_by_std=cfg.loss.scale_rewards, baseline=cfg.loss.advantage_baseline
+        )
+        n = len(rewards)
+        advantages = all_adv[dp_rank() * n : (dp_rank() + 1) * n]
+        t_reward = time.time()
+
+        # 4. LOGPROBS (reference; old only when mu > 1, else the ratio is exactly 1) ----------------
+        T = ro.temperature if ro.scale_logprobs_by_temperature else 1.0
+        completions = out.completion_ids
+        mbs = [
+            build_micro_batch(batch.prompt_ids[s : s + ro.micro_batch_size], completions[s : s + ro.micro_batch_size],
+                              slice(s, s + ro.micro_batch_size), self.pad_id)
+            for s in range(0, n, ro.micro_batch_size)
+        ]  # fmt: skip
+        if ro.mask_truncated_completions:
+            for mb in mbs:
+                keep = torch.tensor(out.finished[mb.rows])
+                mb.completion_mask &= keep[:, None]
+        with torch.no_grad():
+            ref_lp = (
+                [completion_logprobs(self.ref_model, mb, self.qcfg.vocab_size, T)[0] for mb in mbs]
+                if self.ref_model
+                else None
+            )
+            old_lp = (
+                [completion_logprobs(self.model, mb, self.qcfg.vocab_size, T)[0] for mb in mbs]
+                if cfg.loss.num_iterations > 1
+                else None
+            )
+        rollout_lp = [self._pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1]) for mb in mbs]
+
+        # 5. TRAIN --------------------------------------------------------------------------
+        sums: dict[str, float] = {}
+        for _ in range(cfg.loss.num_iterations):
+            self.model.zero_grad_buffer()
+            it = accumulate_policy_grads(
+                self.model, mbs, advantages, ref_lp, old_lp, rollout_lp, cfg.loss, self.qcfg.vocab_size, T,
+                check_finite=lambda loss, i: self._check_finite(loss, i),
+                sampling_temperature=ro.temperature,
+            )  # fmt: skip
+            self.model.finish_grad_sync()
+            stepped, gnorm = self.optimizer.step()
+            if not stepped:
+                raise TrainingError(f"step {self.step}: non-finite gradient norm ({gnorm}); stopping")
+            self.scheduler.step(increment=1)
+            for k, v in it.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.loss.num_iterations
+        t_train = time.time()
+
+        # 6. SYNC ---------------------------------------------------------------------------
+        self.weight_version += 1
+        self.generator.sync_weights(self.model, self.weight_version)
+
+        # Metrics: per-rank means averaged over DP (identical on the TP ranks of a replica).
+        per_fn = {f"reward/{k}/mean": sum(v) / len(v) for k, v in scored[1].items()}
+        gen_tokens = float(sum(lengths))
+        train_tokens = float(sum(mb.attn.sum() for mb in mbs))
+        local = {
+            **{f"loss/{k}": v for k, v in sums.items() if k not in ("entropy", "logp_diff")},
+            "policy/entropy": sums["entropy"],
+            **({"rollout/logp_diff_mean": sums["logp_diff"]} if "logp_diff" in sums else {}),
+            **per_fn,
+            "advantages/abs_mean": float(advantages.abs().mean()),
+            "completion/length_mean": gen_tokens / n,
+            "completion/truncated_frac": 1.0 - sum(out.finished) / n,
+            "reward/timeouts": float(scored[2]),
+            "reward/errors": float(scored[3]),
+        }
+        metrics = self._dp_mean(local)
+        metrics.update(
+            {
+                "reward/mean": float(all_rewards.mean()),
+                "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                "completion/length_max": self._dp_max(max(lengths)),
+                "optim/lr": float(self.optimizer.param_groups[0]["lr"]),
+                "optim/grad_norm": gnorm,
+                "perf/step_s": t_train - t_start,
+                "perf/rollout_s": t_rollout - t_start,
+                "perf/reward_s": t_reward - t_rollout,
+                "perf/train_s": t_train - t_reward,
+                "perf/gen_tokens_per_s": self._dp_sum(gen_tokens) / max(t_rollout - t_start, 1e-9),
+                "perf/tokens_per_s": self._dp_sum(gen_tokens + train_tokens) / max(t_train - t_start, 1e-9),
+            }
+        )
+        if cfg.logging.log_completions and self.logger.enabled:
+            for j in range(min(cfg.logging.log_completions, n)):
+                self.logger.info(
+                    f"  [{batch.problems[j]!r} -> {texts[j]!r} | gold {batch.answers[j]!r} | r={rewards[j]:.2f}]"
+                )
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        history = []
+        start = self.step
+        try:
+            while self.step < self.cfg.max_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                self.logger.log(self.step, metrics, self.step - start)
+        finally:
+            self.close()
+        return history
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+        self.logger.close()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _check_finite(self, loss: torch.Tensor, micro: int) -> None:
+        """Stop every rank together (no rank left waiting in a collective) on a NaN/inf loss."""
+        bad = torch.tensor([0.0 if math.isfinite(float(loss)) else 1.0])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise TrainingError(
+                f"step {self.step}: non-finite loss in micro-batch {micro} (rank {dist.get_rank()} saw "
+                f"{float(loss)}); stopping without saving, the last good checkpoint is kept"
+            )
+
+    @staticmethod
+    def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+        t = torch.zeros(len(rows), width)
+        for i, r in enumerate(rows):
+            t[i, : len(r)] = torch.tensor(r)
+        return t
+
+    @staticmethod
+    def _broadcast_from_tp0(obj):
+        group = parallel_state.get_tensor_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
+
+    @staticmethod
+    def _dp_mean(d: dict[str, float]) -> dict[str, float]:
+        keys = sorted(d)
+        t = torch.tensor([d[k] for k in keys], dtype=torch.float64)
+        all_reduce_dp(t)
+        return {k: float(v) / dp_size() for k, v in zip(keys, t, strict=True)}
+
+    @staticmethod
+    def _dp_sum(x: float) -> float:
+        return float(all_reduce_dp(torch.tensor([x], dtype=torch.float64))[0])
+
+    @staticmethod
+    def _dp_max(x: float) -> float:
+        return float(all_reduce_dp(torch.tensor([float(x)], dtype=torch.float64), op=dist.ReduceOp.MAX)[0])
