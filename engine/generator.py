@@ -143,6 +143,10 @@ class MegatronGenerator:
             logits = gpt(inp, pos, mask, inference_context=ctx, runtime_gather_output=True)
             ctx.sequence_len_offset += inp.shape[1]
             last = logits[:, -1, : self.vocab_size].float().cpu()  # padded vocab never sampled
+            if not bool(torch.isfinite(last).all()):
+                raise FloatingPointError(
+                    f"generator: non-finite logits at decode step {t} (weight version {self.weight_version})"
+                )
             tok, lp = sample_next(last, sampling, gen)
             tok = self._broadcast_tp(tok)
             tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)

@@ -1,15 +1,17 @@
 """GRPO on Megatron-Core, one optimizer step top to bottom: ``GRPOTrainer.train_step``.
 
     ROLLOUT   sample G completions per prompt with the generator (built-in Megatron or vLLM)
-    REWARD    score them (reward functions in a process pool, TP rank 0), gather over DP
-    ADVANTAGE group-normalise rewards: A = (r - mean_g) / (std_g + 1e-4)
+    REWARD    score them (reward functions in a process pool on TP rank 0), gather over DP, and
+              group-normalise: A = (r - mean_g) / (std_g + 1e-4)
     LOGPROBS  reference (frozen initial model) and old (only when mu > 1) log-probabilities
     TRAIN     per micro-batch: policy logprobs -> GRPO loss -> backward; DDP grad all-reduce,
               clip, AdamW step, LR schedule
     SYNC      bump the weight version and hand the new weights to the generator
 
-Loss normalisation (as open-rs / TRL at the pinned commit): token-mean per micro-batch per rank,
-averaged over the micro-batches (loss / n_micro) and over DP ranks (Megatron DDP averages grads).
+Each phase runs inside ``engine.phases.PhaseScheduler``, which enforces the order and moves memory
+between the trainer and a co-located generator. Loss normalisation (as open-rs / TRL at the pinned
+commit): token-mean per micro-batch per rank, averaged over the micro-batches (loss / n_micro) and
+over DP ranks (Megatron DDP averages grads).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from engine.logger import MetricsLogger
 from engine.logprobs import token_entropy, token_logprobs
 from engine.loss import LossConfig, grpo_loss, masked_mean
 from engine.optimizer import build_optimizer, build_scheduler
+from engine.phases import Phase, PhaseScheduler, TrainerOffload
 from engine.rewards import RewardScorer
 from engine.train_config import TrainConfig
 from models.qwen.config import QwenConfig, parse_dtype
@@ -162,6 +165,7 @@ class GRPOTrainer:
         self.generator = MegatronGenerator(self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id)
         self.weight_version = 0
         self.generator.sync_weights(self.model, self.weight_version)
+        self.phases = PhaseScheduler(self.generator, TrainerOffload(self.model, self.optimizer, enabled=True))
         # Reward functions run once per DP replica (TP rank 0) and are broadcast to the TP peers.
         self.scorer = RewardScorer(cfg.rewards) if tp_rank() == 0 else None
         self.logger = MetricsLogger(cfg.logging.dir, cfg.max_steps)
@@ -171,96 +175,108 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, ro = self.cfg, self.cfg.rollout
         G = ro.num_generations
+        T = ro.temperature if ro.scale_logprobs_by_temperature else 1.0  # trainer's logprob temperature
         t_start = time.time()
         batch: PromptBatch = next(self.sampler)
 
-        # 1. ROLLOUT ------------------------------------------------------------------------
-        sampling = SamplingConfig(
-            ro.temperature, ro.top_p, ro.top_k, ro.max_completion_length, seed=cfg.seed * 7919 + self.step
-        )
-        out: GenerationOutput = self.generator.generate(batch.prompt_ids[::G], G, sampling)
-        if out.weight_version != self.weight_version:
-            raise TrainingError(
-                f"step {self.step}: rollout used weight version {out.weight_version}, trainer is at "
-                f"{self.weight_version} (stale generator weights)"
+        # 1. ROLLOUT: G completions per prompt from the generator (weights of version `weight_version`).
+        with self.phases.phase(Phase.ROLLOUT):
+            sampling = SamplingConfig(
+                ro.temperature, ro.top_p, ro.top_k, ro.max_completion_length, seed=cfg.seed * 7919 + self.step
             )
-        t_rollout = time.time()
+            out: GenerationOutput = self.generator.generate(batch.prompt_ids[::G], G, sampling)
+            if out.weight_version != self.weight_version:
+                raise TrainingError(
+                    f"step {self.step}: rollout used weight version {out.weight_version}, trainer is at "
+                    f"{self.weight_version} (stale generator weights)"
+                )
+            completions = out.completion_ids
+            n = len(completions)
 
-        # 2. REWARD -------------------------------------------------------------------------
-        texts = self.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+        # 2. REWARD: score on TP rank 0, broadcast to TP peers; group advantages over the global batch
+        #    (groups never straddle DP ranks; gathering gives exact global statistics).
+        with self.phases.phase(Phase.REWARD):
+            texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+            lengths = [len(c) for c in completions]
+            scored = None
+            if self.scorer is not None:
+                res = self.scorer(texts, batch.answers, completion_lengths=lengths, group_size=G)
+                scored = (res.total, res.per_function, res.num_timeouts, res.num_errors)
+            scored = self._broadcast_from_tp0(scored)
+            rewards = torch.tensor(scored[0], dtype=torch.float32)
+            all_rewards = all_gather_dp(rewards)
+            all_adv = group_advantages(
+                all_rewards, G, scale_by_std=cfg.loss.scale_rewards, baseline=cfg.loss.advantage_baseline
+            )
+            advantages = all_adv[dp_rank() * n : (dp_rank() + 1) * n]
+
+        # 3. LOGPROBS: reference (frozen initial policy) and old (only when mu > 1: else ratio == 1).
+        with self.phases.phase(Phase.LOGPROBS):
+            mb_size = ro.micro_batch_size
+            mbs = [
+                build_micro_batch(batch.prompt_ids[s : s + mb_size], completions[s : s + mb_size], slice(s, s + mb_size), self.pad_id)
+                for s in range(0, n, mb_size)
+            ]  # fmt: skip
+            if ro.mask_truncated_completions:
+                for mb in mbs:
+                    mb.completion_mask &= torch.tensor(out.finished[mb.rows])[:, None]
+            V = self.qcfg.vocab_size
+            with torch.no_grad():
+                ref_lp = (
+                    [completion_logprobs(self.ref_model, mb, V, T)[0] for mb in mbs]
+                    if self.ref_model
+                    else None
+                )
+                old_lp = (
+                    [completion_logprobs(self.model, mb, V, T)[0] for mb in mbs]
+                    if cfg.loss.num_iterations > 1
+                    else None
+                )
+            rollout_lp = [self._pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1]) for mb in mbs]
+
+        # 4. TRAIN: mu optimizer steps over the batch; each = all micro-batches' grads, DP all-reduce,
+        #    clip, AdamW, LR schedule.
+        with self.phases.phase(Phase.TRAIN):
+            sums: dict[str, float] = {}
+            for _ in range(cfg.loss.num_iterations):
+                self.model.zero_grad_buffer()
+                it = accumulate_policy_grads(
+                    self.model, mbs, advantages, ref_lp, old_lp, rollout_lp, cfg.loss, V, T,
+                    check_finite=self._check_finite, sampling_temperature=ro.temperature,
+                )  # fmt: skip
+                self.model.finish_grad_sync()
+                stepped, gnorm = self.optimizer.step()
+                if not stepped:
+                    raise TrainingError(f"step {self.step}: non-finite gradient norm ({gnorm}); stopping")
+                self.scheduler.step(increment=1)
+                for k, v in it.items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.loss.num_iterations
+
+        # 5. SYNC: the generator receives the new weights (version + 1) before the next rollout.
+        with self.phases.phase(Phase.SYNC):
+            self.weight_version += 1
+            self.phases.sync(self.model, self.weight_version)
+        t_end = time.time()
+
+        self.step += 1
+        metrics = self._step_metrics(
+            batch, out, texts, scored, all_rewards, advantages, sums, gnorm, mbs, t_end - t_start
+        )
+        return metrics
+
+    def _step_metrics(
+        self, batch, out, texts, scored, all_rewards, advantages, sums, gnorm, mbs, step_s
+    ) -> dict[str, float]:
+        """Per-rank means averaged over DP (values are identical on the TP ranks of a replica)."""
+        n = len(out.completion_ids)
         lengths = [len(c) for c in out.completion_ids]
-        scored = None
-        if self.scorer is not None:
-            res = self.scorer(texts, batch.answers, completion_lengths=lengths, group_size=G)
-            scored = (res.total, res.per_function, res.num_timeouts, res.num_errors)
-        scored = self._broadcast_from_tp0(scored)
-        rewards = torch.tensor(scored[0], dtype=torch.float32)
-
-        # 3. ADVANTAGE (groups never straddle DP ranks; gathered anyway for exact global stats) ----
-        all_rewards = all_gather_dp(rewards)
-        all_adv = group_advantages(
-            all_rewards, G, scale_by_std=cfg.loss.scale_rewards, baseline=cfg.loss.advantage_baseline
-        )
-        n = len(rewards)
-        advantages = all_adv[dp_rank() * n : (dp_rank() + 1) * n]
-        t_reward = time.time()
-
-        # 4. LOGPROBS (reference; old only when mu > 1, else the ratio is exactly 1) ----------------
-        T = ro.temperature if ro.scale_logprobs_by_temperature else 1.0
-        completions = out.completion_ids
-        mbs = [
-            build_micro_batch(batch.prompt_ids[s : s + ro.micro_batch_size], completions[s : s + ro.micro_batch_size],
-                              slice(s, s + ro.micro_batch_size), self.pad_id)
-            for s in range(0, n, ro.micro_batch_size)
-        ]  # fmt: skip
-        if ro.mask_truncated_completions:
-            for mb in mbs:
-                keep = torch.tensor(out.finished[mb.rows])
-                mb.completion_mask &= keep[:, None]
-        with torch.no_grad():
-            ref_lp = (
-                [completion_logprobs(self.ref_model, mb, self.qcfg.vocab_size, T)[0] for mb in mbs]
-                if self.ref_model
-                else None
-            )
-            old_lp = (
-                [completion_logprobs(self.model, mb, self.qcfg.vocab_size, T)[0] for mb in mbs]
-                if cfg.loss.num_iterations > 1
-                else None
-            )
-        rollout_lp = [self._pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1]) for mb in mbs]
-
-        # 5. TRAIN --------------------------------------------------------------------------
-        sums: dict[str, float] = {}
-        for _ in range(cfg.loss.num_iterations):
-            self.model.zero_grad_buffer()
-            it = accumulate_policy_grads(
-                self.model, mbs, advantages, ref_lp, old_lp, rollout_lp, cfg.loss, self.qcfg.vocab_size, T,
-                check_finite=lambda loss, i: self._check_finite(loss, i),
-                sampling_temperature=ro.temperature,
-            )  # fmt: skip
-            self.model.finish_grad_sync()
-            stepped, gnorm = self.optimizer.step()
-            if not stepped:
-                raise TrainingError(f"step {self.step}: non-finite gradient norm ({gnorm}); stopping")
-            self.scheduler.step(increment=1)
-            for k, v in it.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.loss.num_iterations
-        t_train = time.time()
-
-        # 6. SYNC ---------------------------------------------------------------------------
-        self.weight_version += 1
-        self.generator.sync_weights(self.model, self.weight_version)
-
-        # Metrics: per-rank means averaged over DP (identical on the TP ranks of a replica).
-        per_fn = {f"reward/{k}/mean": sum(v) / len(v) for k, v in scored[1].items()}
         gen_tokens = float(sum(lengths))
         train_tokens = float(sum(mb.attn.sum() for mb in mbs))
         local = {
             **{f"loss/{k}": v for k, v in sums.items() if k not in ("entropy", "logp_diff")},
             "policy/entropy": sums["entropy"],
             **({"rollout/logp_diff_mean": sums["logp_diff"]} if "logp_diff" in sums else {}),
-            **per_fn,
+            **{f"reward/{k}/mean": sum(v) / len(v) for k, v in scored[1].items()},
             "advantages/abs_mean": float(advantages.abs().mean()),
             "completion/length_mean": gen_tokens / n,
             "completion/truncated_frac": 1.0 - sum(out.finished) / n,
@@ -268,6 +284,7 @@ class GRPOTrainer:
             "reward/errors": float(scored[3]),
         }
         metrics = self._dp_mean(local)
+        ph = self.phases.seconds
         metrics.update(
             {
                 "reward/mean": float(all_rewards.mean()),
@@ -275,20 +292,20 @@ class GRPOTrainer:
                 "completion/length_max": self._dp_max(max(lengths)),
                 "optim/lr": float(self.optimizer.param_groups[0]["lr"]),
                 "optim/grad_norm": gnorm,
-                "perf/step_s": t_train - t_start,
-                "perf/rollout_s": t_rollout - t_start,
-                "perf/reward_s": t_reward - t_rollout,
-                "perf/train_s": t_train - t_reward,
-                "perf/gen_tokens_per_s": self._dp_sum(gen_tokens) / max(t_rollout - t_start, 1e-9),
-                "perf/tokens_per_s": self._dp_sum(gen_tokens + train_tokens) / max(t_train - t_start, 1e-9),
+                "perf/step_s": step_s,
+                "perf/gen_tokens_per_s": self._dp_sum(gen_tokens) / max(ph["rollout"], 1e-9),
+                "perf/train_tokens_per_s": self._dp_sum(train_tokens) / max(ph["train"], 1e-9),
+                "perf/tokens_per_s": self._dp_sum(gen_tokens + train_tokens) / max(step_s, 1e-9),
+                "weights/version": float(self.weight_version),
+                **self.phases.metrics(),
             }
         )
-        if cfg.logging.log_completions and self.logger.enabled:
-            for j in range(min(cfg.logging.log_completions, n)):
+        if self.cfg.logging.log_completions and self.logger.enabled:
+            rewards = scored[0]
+            for j in range(min(self.cfg.logging.log_completions, n)):
                 self.logger.info(
                     f"  [{batch.problems[j]!r} -> {texts[j]!r} | gold {batch.answers[j]!r} | r={rewards[j]:.2f}]"
                 )
-        self.step += 1
         return metrics
 
     # ------------------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""Bad input and failure handling of the GRPO trainer (single process, TP=1, in this process)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.train_config import TrainConfig
+from engine.trainer import GRPOTrainer, TrainingError
+from models.qwen.model import unwrap
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = json.loads((REPO / "configs/models/tiny-demo.json").read_text())
+
+
+def make_cfg(tmp_path: Path, *overrides: str, model: dict | None = None) -> TrainConfig:
+    mc = tmp_path / "model.json"
+    mc.write_text(json.dumps({**TINY, "hidden_size": 64, "intermediate_size": 64, **(model or {})}))
+    base = [
+        "parallel.tensor_parallel=1",
+        f"model.config={mc}",
+        f"logging.dir={tmp_path / 'run'}",
+        "logging.log_completions=0",
+        "rollout.prompts_per_step=4",
+        "rollout.num_generations=4",
+        "rollout.micro_batch_size=8",
+        "max_steps=3",
+    ]
+    return load_config(TrainConfig, REPO / "configs/demo_cpu.yaml", [*base, *overrides])
+
+
+def test_tokenizer_ids_beyond_model_vocab(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"tokenizer assets/demo/tokenizer has 17 tokens but the model vocab .* is 16"
+    ):
+        GRPOTrainer(make_cfg(tmp_path, model={"vocab_size": 16}))
+
+
+def test_prompt_plus_completion_longer_than_context(tmp_path):
+    with pytest.raises(ValueError, match=r"exceeds the model's max context length 8"):
+        GRPOTrainer(make_cfg(tmp_path, model={"max_position_embeddings": 8}))
+
+
+def test_dataset_missing_column(tmp_path):
+    with pytest.raises(ValueError, match=r"nope"):
+        GRPOTrainer(make_cfg(tmp_path, "data.answer_column=nope"))
+
+
+def test_empty_dataset(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty"):
+        GRPOTrainer(make_cfg(tmp_path, f"data.path={empty}"))
+
+
+def test_all_equal_rewards_give_zero_advantage_not_nan(tmp_path):
+    # `format` looks for "\n</think>\n": never in a digit completion, so every group is all-zero.
+    trainer = GRPOTrainer(make_cfg(tmp_path, "rewards.funcs=[format]", "rewards.weights=[1.0]"))
+    before = {n: p.detach().clone() for n, p in unwrap(trainer.model).named_parameters()}
+    m = trainer.train_step()
+    trainer.close()
+    assert all(math.isfinite(v) for v in m.values()), m
+    assert m["reward/mean"] == 0.0 and m["advantages/abs_mean"] == 0.0
+    assert m["loss/pg_loss"] == 0.0 and m["optim/grad_norm"] == 0.0
+    after = dict(unwrap(trainer.model).named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # AdamW with zero grads, wd 0
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    import engine.trainer as tr
+
+    trainer = GRPOTrainer(make_cfg(tmp_path))
+    trainer.train_step()  # a good step first
+    real = tr.completion_logprobs
+
+    def nan_logprobs(*a, **k):
+        lp, logits = real(*a, **k)
+        return lp * float("nan"), logits
+
+    monkeypatch.setattr(tr, "completion_logprobs", nan_logprobs)
+    with pytest.raises(
+        TrainingError, match=r"step 1: non-finite loss in micro-batch 0 .*stopping without saving"
+    ):
+        trainer.train_step()
+    trainer.close()
+
+
+def test_nan_weights_stop_generation_with_a_clear_message(tmp_path):
+    trainer = GRPOTrainer(make_cfg(tmp_path))
+    with torch.no_grad():
+        unwrap(trainer.model).decoder.final_layernorm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"generator: non-finite logits at decode step 0"):
+        trainer.train_step()
+    trainer.close()
