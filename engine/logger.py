@@ -44,6 +44,13 @@ class MetricsLogger:
             flush=True,
         )
 
+    def log_scalars(self, step: int, metrics: dict[str, float]) -> None:
+        """Scalars only, no progress line (e.g. an evaluation before the first step)."""
+        if self.enabled:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
     def info(self, msg: str) -> None:
         if self.enabled:
             print(msg, file=sys.stderr, flush=True)

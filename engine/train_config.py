@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.data import DataConfig
+from engine.evaluation import EvalConfig
 from engine.loss import LossConfig
 from engine.optimizer import OptimizerConfig
 from engine.rewards import RewardConfig
+from engine.vllm_generator import VLLMConfig
 from parallel.distributed import ParallelConfig
 
 
@@ -41,6 +43,9 @@ class RolloutConfig:
     # Divide the trainer's logits by the sampling temperature (trl #4159); open-rs did not (False).
     scale_logprobs_by_temperature: bool = False
     mask_truncated_completions: bool = False  # open-rs keeps truncated completions in the loss
+    # Stop the run when mean |logp_generator - logp_trainer| on the same weights exceeds this
+    # (needs scale_logprobs_by_temperature or T=1 so both score the same distribution). None = log only.
+    max_logprob_diff: float | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("megatron", "vllm"):
@@ -53,8 +58,9 @@ class RolloutConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # "" = <logging.dir>/checkpoints
-    save_every: int = 50  # steps; 0 = never (a final checkpoint is still written)
+    save_every: int = 50  # steps; 0 = only the final checkpoint
     keep_last: int = 3
+    resume: str = ""  # "" = fresh start; "latest" = newest in `dir` if any; or a checkpoint path
 
 
 @dataclass
@@ -76,6 +82,8 @@ class TrainConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -20,12 +20,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from engine.advantages import group_advantages
+from engine.checkpointing import TrainCheckpointer
 from engine.data import PromptBatch, PromptSampler, load_tokenizer, prepare_prompts
 from engine.generator import GenerationOutput, MegatronGenerator, SamplingConfig
 from engine.logger import MetricsLogger
@@ -152,7 +154,7 @@ class GRPOTrainer:
             from models.qwen.checkpoint import SafetensorsReader
             from models.qwen.model import load_hf_weights
 
-            load_hf_weights(model, self.qcfg, SafetensorsReader(cfg.model.hf_checkpoint, self.qcfg))
+            load_hf_weights(model, self.qcfg, SafetensorsReader(cfg.model.hf_checkpoint))
         # The KL reference: a frozen copy of the initial policy.
         self.ref_model = None
         if cfg.loss.beta > 0:
@@ -162,7 +164,12 @@ class GRPOTrainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps * cfg.loss.num_iterations)
 
-        self.generator = MegatronGenerator(self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id)
+        if ro.backend == "vllm":
+            from engine.vllm_generator import VLLMGenerator
+
+            self.generator = VLLMGenerator(self.qcfg, [self.eos_id], cfg.vllm)
+        else:
+            self.generator = MegatronGenerator(self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id)
         self.weight_version = 0
         self.generator.sync_weights(self.model, self.weight_version)
         self.phases = PhaseScheduler(self.generator, TrainerOffload(self.model, self.optimizer, enabled=True))
@@ -170,6 +177,17 @@ class GRPOTrainer:
         self.scorer = RewardScorer(cfg.rewards) if tp_rank() == 0 else None
         self.logger = MetricsLogger(cfg.logging.dir, cfg.max_steps)
         self.step = 0
+        self.checkpointer = TrainCheckpointer(
+            cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints",
+            cfg.checkpoint.keep_last,
+            hf_assets_from=cfg.model.hf_checkpoint or cfg.data.tokenizer,
+        )
+        resume = self._resume_path(cfg.checkpoint.resume)
+        if resume is not None:
+            self.checkpointer.load(self, resume)
+            self.logger.info(
+                f"resumed from {resume} at step {self.step} (weight version {self.weight_version})"
+            )
 
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -284,6 +302,16 @@ class GRPOTrainer:
             "reward/errors": float(scored[3]),
         }
         metrics = self._dp_mean(local)
+        if "rollout/logp_diff_mean" in metrics:
+            # NeMo-RL's health metric: ~1.0 when generator and trainer agree (> 1.05: a bug).
+            metrics["rollout/token_mult_prob_error"] = math.exp(metrics["rollout/logp_diff_mean"])
+            limit = self.cfg.rollout.max_logprob_diff
+            if limit is not None and metrics["rollout/logp_diff_mean"] > limit:
+                raise TrainingError(
+                    f"step {self.step}: mean |logp_generator - logp_trainer| = "
+                    f"{metrics['rollout/logp_diff_mean']:.3g} exceeds rollout.max_logprob_diff={limit} "
+                    "(stale weights, a temperature/top-p mismatch or a mapping bug)"
+                )
         ph = self.phases.seconds
         metrics.update(
             {
@@ -310,21 +338,54 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
+        """Steps until ``max_steps``; checkpoints every ``save_every`` and at the end. An exception
+        (e.g. a non-finite loss) stops the run without saving: the last good checkpoint stays."""
+        cfg = self.cfg
         history = []
         start = self.step
         try:
-            while self.step < self.cfg.max_steps:
+            if cfg.eval.at_start and self.step == 0:
+                self.logger.log_scalars(0, self.evaluate())
+            while self.step < cfg.max_steps:
                 metrics = self.train_step()
+                if cfg.eval.due(self.step):
+                    metrics.update(self.evaluate())
                 history.append(metrics)
                 self.logger.log(self.step, metrics, self.step - start)
+                every = cfg.checkpoint.save_every
+                if (every and self.step % every == 0) or self.step == cfg.max_steps:
+                    path = self.checkpointer.save(self)
+                    self.logger.info(f"saved checkpoint {path}")
         finally:
             self.close()
         return history
+
+    def evaluate(self) -> dict[str, float]:
+        """Benchmark pass@1 / avg@k with the current generator (collective)."""
+        from engine.evaluation import run_periodic_eval
+
+        return run_periodic_eval(
+            self.generator, self.tokenizer, self.cfg.eval, self.step,
+            max_context=self.qcfg.max_position_embeddings, log=self.logger.info,
+        )  # fmt: skip
+
+    def _resume_path(self, resume: str) -> Path | None:
+        if not resume:
+            return None
+        if resume == "latest":
+            return self.checkpointer.latest()
+        p = Path(resume)
+        if not p.is_dir():
+            raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such checkpoint dir")
+        return p
 
     def close(self) -> None:
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
+        close = getattr(self.generator, "close", None)
+        if close is not None:
+            close()
         self.logger.close()
 
     # ---- helpers -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ reads only the rows one TP rank needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -221,6 +221,45 @@ def mcore_full_to_hf(cfg: QwenConfig, rule: Rule, full: torch.Tensor) -> Iterato
         yield rule.hf[2], v.reshape(G * hd, *tail)
     else:
         yield rule.hf[0], full
+
+
+# ---- checkpoint validation ---------------------------------------------------------------
+# Non-weight buffers some older HF exports contain; never needed, never an error.
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_hf_tensors(
+    cfg: QwenConfig, shapes: Mapping[str, Sequence[int]], source: str = "HF checkpoint"
+) -> None:
+    """Raise one ValueError listing every missing / unexpected / wrongly shaped HF tensor.
+
+    A tied checkpoint may still carry ``lm_head.weight`` (a copy of the embedding): it is ignored.
+    """
+    expected = hf_names(cfg)
+    known = set(expected)
+    if cfg.tie_word_embeddings:
+        known.add("lm_head.weight")
+    missing = [n for n in expected if n not in shapes]
+    unexpected = sorted(n for n in shapes if n not in known and not n.endswith(IGNORED_HF_SUFFIXES))
+    bad = [
+        f"tensor {n!r} has shape {tuple(shapes[n])}, expected {hf_shape(cfg, n)}"
+        for n in expected
+        if n in shapes and tuple(shapes[n]) != hf_shape(cfg, n)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_head(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_head(unexpected)}")
+    problems += bad[:8] + ([f"... and {len(bad) - 8} more shape mismatches"] if len(bad) > 8 else [])
+    if problems:
+        raise ValueError(f"{source}: does not match its config: " + "; ".join(problems))
+
+
+def _head(names: list[str], n: int = 8) -> str:
+    return ", ".join(repr(x) for x in names[:n]) + (
+        f", ... ({len(names) - n} more)" if len(names) > n else ""
+    )
 
 
 # ---- in-memory helpers ------------------------------------------------------------------
