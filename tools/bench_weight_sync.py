@@ -1,6 +1,6 @@
 """Weight-sync time and bytes, Megatron TP shards -> co-located vLLM engine (engine.vllm_generator).
 
-    torchrun --standalone --nproc_per_node 2 tools/bench_weight_sync.py --tp 2 [--out docs/benchmarks_vllm.md]
+    torchrun --standalone --nproc_per_node 2 tools/bench_weight_sync.py --tp 2 [--out FILE]  (tables go to docs/benchmarks.md)
     torchrun ... tools/bench_weight_sync.py --tp 2 --config configs/models/deepseek-r1-distill-qwen-1.5b.json \\
         --dtype bfloat16 --bucket-mb 64 512 2048       # the real 1.5B shape, random init (GPU or CPU)
 
