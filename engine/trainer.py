@@ -17,6 +17,7 @@ over DP ranks (Megatron DDP averages grads).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from engine.optimizer import build_optimizer, build_scheduler
 from engine.phases import Phase, PhaseScheduler, TrainerOffload
 from engine.rewards import RewardScorer
 from engine.train_config import TrainConfig
-from models.qwen.config import QwenConfig, parse_dtype
+from models.qwen.config import HF_DTYPE_NAMES, QwenConfig, parse_dtype
 from models.qwen.model import build_model, forward_logits
 from parallel.collectives import all_gather_dp, all_reduce_dp
 from parallel.ddp import wrap_ddp
@@ -167,7 +168,12 @@ class GRPOTrainer:
         if ro.backend == "vllm":
             from engine.vllm_generator import VLLMGenerator
 
-            self.generator = VLLMGenerator(self.qcfg, [self.eos_id], cfg.vllm)
+            # vLLM's own "auto" turns a float32 config into bf16 on CPU (measured: |dlogp| ~1e-3):
+            # the engine must run in the trainer's dtype for its logprobs to match.
+            vcfg = cfg.vllm
+            if vcfg.dtype == "auto":
+                vcfg = dataclasses.replace(vcfg, dtype=HF_DTYPE_NAMES[parse_dtype(cfg.model.dtype)])
+            self.generator = VLLMGenerator(self.qcfg, [self.eos_id], vcfg)
         else:
             self.generator = MegatronGenerator(self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id)
         self.weight_version = 0

@@ -113,7 +113,9 @@ class VLLMConfig:
     sleep_level: int = 2  # 1: weights offloaded to host; 2: weights dropped (always re-synced)
     enforce_eager: bool = False  # GPU: False = CUDA graphs; CPU always runs eager
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    dtype: str = "auto"  # engine dtype: auto (config's torch_dtype) | bfloat16 | float16 | float32
+    # engine dtype. The trainer turns "auto" into its own dtype (model.dtype): vLLM's "auto" would
+    # run a float32 config in bf16 on CPU. bfloat16 | float16 | float32 are passed as they are.
+    dtype: str = "auto"
     bucket_mb: float = 512.0  # weight-sync bucket size (HF tensors in the engine dtype)
     tensor_parallel_size: int = 1  # 1 (an engine per rank) or the Megatron TP size (GPU only)
     seed: int = 0  # engine seed (per-request seeds come from SamplingConfig.seed)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ if str(REPO) not in sys.path:
 from models.qwen.checkpoint import save_hf_checkpoint  # noqa: E402
 from models.qwen.config import QwenConfig  # noqa: E402
 from models.qwen.hf_mapping import hf_names, hf_shape  # noqa: E402
+from tools.machine import describe_machine  # noqa: E402
 
 GOAL = 1.3  # peak RSS / checkpoint bytes
 START, END = "<!-- bench_convert:start -->", "<!-- bench_convert:end -->"
@@ -92,24 +92,6 @@ def bit_exact(a: Path, b: Path, names: list[str]) -> bool:
         if x.dtype != y.dtype or not torch.equal(x, y):
             return False
     return True
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine() -> str:
-    import os
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return f"{os.cpu_count()}-core CPU ({cpu_model()}), {mem:.0f} GiB RAM, no GPU"
 
 
 def write_doc(doc: Path, section: str) -> None:
@@ -204,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         "## Checkpoint conversion",
         "",
         f"`python tools/bench_convert.py{' --torchrun' if a.torchrun else ''}{' --verify' if a.verify else ''}` on {time.strftime('%Y-%m-%d')}: "
-        f"{machine()}; torch {torch.__version__}.",
+        f"{describe_machine()}; torch {torch.__version__}.",
         f"Model: {Path(a.config).name} shapes, random bf16 weights; checkpoint "
         f"{ckpt_bytes / gib:.2f} GiB ({ckpt_bytes / 1e9:.2f} GB) of tensors. Files on local disk "
         f"(page cache warm for reads). Peak RSS = `ru_maxrss` of the largest process. Goal: peak RSS "

@@ -9,7 +9,6 @@ Each side runs once to warm up, then ``--repeats`` times; the median is reported
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -24,16 +23,7 @@ from models.qwen.config import QwenConfig  # noqa: E402
 from models.qwen.hf_mapping import state_dict_reader  # noqa: E402
 from models.qwen.model import build_model, load_hf_weights  # noqa: E402
 from parallel.distributed import init_distributed  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from tools.machine import describe_machine  # noqa: E402
 
 
 def main() -> None:
@@ -89,7 +79,7 @@ def main() -> None:
         rows.append((name, med, a.batch * a.new_tokens / med))
     ratio = rows[0][2] / rows[1][2]
     table = [
-        f"Machine: {cpu_name()}, {a.threads} threads, torch {torch.__version__}. Tiny Qwen2 (hidden 256, 4 layers, "
+        f"Machine: {describe_machine()}, {a.threads} threads, torch {torch.__version__}. Tiny Qwen2 (hidden 256, 4 layers, "
         f"8 heads / 2 KV, vocab 1024), batch {a.batch}, prompt {a.prompt_len}, {a.new_tokens} new tokens, T=1, fp32.",
         "",
         "| generator | median s | tokens/s |",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from engine.vllm_generator import HFWeightStream, VLLMConfig, VLLMGenerator  # n
 from models.qwen.config import QwenConfig, parse_dtype  # noqa: E402
 from models.qwen.model import build_model  # noqa: E402
 from parallel.distributed import init_distributed  # noqa: E402
+from tools.machine import describe_machine  # noqa: E402
 
 TINY = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 300, "hidden_size": 128,
@@ -38,18 +38,6 @@ TINY = {
     "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
     "torch_dtype": "float32",
 }  # fmt: skip
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{os.cpu_count()}-core CPU, {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -128,7 +116,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         head = (
             f"Weight sync, Megatron TP{a.tp} -> one TP=1 vLLM engine per rank ({dist.get_world_size()} ranks), "
-            f"{name}, {dtype}, {device_name()}, vllm {__import__('vllm').__version__}, torch {torch.__version__}; "
+            f"{name}, {dtype}, {describe_machine()}, vllm {__import__('vllm').__version__}, torch {torch.__version__}; "
             f"median of {a.repeats} after a warm-up (engine build {gen.stats['vllm/build_s']:.1f} s, "
             f"model build {build_model_s:.1f} s)."
         )

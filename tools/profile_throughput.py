@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -57,6 +56,7 @@ import torch.distributed as dist  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from engine.train_config import TrainConfig  # noqa: E402
+from tools.machine import describe_machine  # noqa: E402
 
 MODES = ("all", "train", "generate")
 
@@ -85,28 +85,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 # ---- machine facts --------------------------------------------------------------------------------
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(
-            next(
-                x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
-            ).split()[1]
-        )
-        mem = f", {kb / 1024**2:.0f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return f"{model} ({os.cpu_count()} CPU cores{mem})"
 
 
 def peak_memory_bytes() -> float:
@@ -337,7 +315,7 @@ def summarise(
         return x / sec if sec > 0 else 0.0
 
     out = {
-        "machine": machine_name(),
+        "machine": describe_machine(),
         "loadavg_1m": os.getloadavg()[0],  # other work on the machine skews CPU timings
         "mode": mode,
         "world_size": _world(),
