@@ -128,3 +128,25 @@ def test_reader_names_missing_tensor_and_bad_shape(real):
     sd["model.norm.weight"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(7,\), expected \(1536,\)"):
         read("model.norm.weight", (slice(None),))
+
+
+def test_transformer_engine_names_round_trip():
+    """The GPU (TE spec) layout fuses the norms into the next linear: same mapping, renamed keys."""
+    from models.qwen.hf_mapping import hf_to_mcore_state_dict, mcore_shards_to_hf
+
+    cfg = QwenConfig.from_hf_dict(
+        {
+            "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1e4,
+            "rms_norm_eps": 1e-6,
+        }
+    )  # fmt: skip
+    sd = _random_hf_state(cfg)
+    shards = [hf_to_mcore_state_dict(cfg, state_dict_reader(sd, cfg), 2, r, te_names=True) for r in range(2)]
+    keys = set(shards[0])
+    assert "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not any(k.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in keys)
+    back = mcore_shards_to_hf(cfg, shards)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)

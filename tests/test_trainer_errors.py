@@ -75,7 +75,8 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     import engine.trainer as tr
 
     trainer = GRPOTrainer(make_cfg(tmp_path))
-    trainer.train_step()  # a good step first
+    trainer.train_step()  # a good step first, checkpointed
+    good = trainer.checkpointer.save(trainer)
     real = tr.completion_logprobs
 
     def nan_logprobs(*a, **k):
@@ -97,3 +98,21 @@ def test_nan_weights_stop_generation_with_a_clear_message(tmp_path):
     with pytest.raises(FloatingPointError, match=r"generator: non-finite logits at decode step 0"):
         trainer.train_step()
     trainer.close()
+
+
+def test_periodic_evaluation_from_the_training_loop(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(
+        tmp_path, "max_steps=2", "eval.every_steps=2", "eval.tasks=[]",
+        f"eval.task_files=[{REPO / 'assets/demo/test.jsonl'}]", "eval.limit=8", "eval.k=2",
+        "eval.max_new_tokens=2", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.out_dir={tmp_path / 'eval'}",
+        model={"max_position_embeddings": 512},  # the eval prompt (MATH_QUERY_TEMPLATE) is ~335 tokens
+    )  # fmt: skip
+    GRPOTrainer(cfg).train()
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ea.Reload()
+    tags = [t for t in ea.Tags()["scalars"] if t.startswith("eval/")]
+    assert any(t.endswith("pass@1") for t in tags) and "eval/test/avg@k" in tags, tags
+    assert [e.step for e in ea.Scalars(next(t for t in tags if t.endswith("pass@1")))] == [2]
+    assert (tmp_path / "eval" / "step_000002").is_dir()
