@@ -16,7 +16,6 @@ over DP ranks (Megatron DDP averages grads).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -150,17 +149,20 @@ class GRPOTrainer:
             dataset, ro.prompts_per_step, ro.num_generations, dp_rank(), dp_size(), seed=cfg.data.shuffle_seed
         )
 
-        model = build_model(self.qcfg, parse_dtype(cfg.model.dtype))
+        dtype = parse_dtype(cfg.model.dtype)
+        model = build_model(self.qcfg, dtype)
         if cfg.model.hf_checkpoint:
             from models.qwen.checkpoint import SafetensorsReader
             from models.qwen.model import load_hf_weights
 
             load_hf_weights(model, self.qcfg, SafetensorsReader(cfg.model.hf_checkpoint))
-        # The KL reference: a frozen copy of the initial policy.
+        # The KL reference: a frozen copy of the initial policy (a second model: Megatron modules
+        # hold process groups, which deepcopy cannot copy).
         self.ref_model = None
         if cfg.loss.beta > 0:
-            self.ref_model = copy.deepcopy(model).eval()
-            self.ref_model.requires_grad_(False)
+            self.ref_model = build_model(self.qcfg, dtype, perform_initialization=False)
+            self.ref_model.load_state_dict(model.state_dict())
+            self.ref_model.eval().requires_grad_(False)
         self.model = wrap_ddp(model, cfg.optim.use_distributed_optimizer and torch.cuda.is_available())
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps * cfg.loss.num_iterations)

@@ -116,3 +116,34 @@ def test_periodic_evaluation_from_the_training_loop(tmp_path):
     assert any(t.endswith("pass@1") for t in tags) and "eval/test/avg@k" in tags, tags
     assert [e.step for e in ea.Scalars(next(t for t in tags if t.endswith("pass@1")))] == [2]
     assert (tmp_path / "eval" / "step_000002").is_dir()
+
+
+def test_starts_from_an_hf_checkpoint(tmp_path):
+    """model.hf_checkpoint: the policy (and the KL reference) start from the HF safetensors weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from models.qwen.model import gather_hf_state_dict
+
+    hf_dir = tmp_path / "hf"
+    hcfg = Qwen2Config(**{**TINY, "hidden_size": 64, "intermediate_size": 64})
+    torch.manual_seed(3)
+    hf = Qwen2ForCausalLM(hcfg).float()
+    hf.save_pretrained(hf_dir, safe_serialization=True)
+    trainer = GRPOTrainer(
+        make_cfg(tmp_path, f"model.hf_checkpoint={hf_dir}", f"model.config={hf_dir}", "loss.beta=0.04")
+    )
+    got = gather_hf_state_dict(trainer.model, trainer.qcfg)
+    ref = gather_hf_state_dict(trainer.ref_model, trainer.qcfg)
+    want = hf.state_dict()
+    assert got.keys() == ref.keys() and all(
+        torch.equal(got[k], want[k]) and torch.equal(ref[k], want[k]) for k in got
+    )
+    trainer.close()
+
+
+def test_kl_to_the_frozen_reference(tmp_path):
+    """beta > 0: KL is exactly 0 while the policy equals the reference, positive once it moved."""
+    trainer = GRPOTrainer(make_cfg(tmp_path, "loss.beta=0.04"))
+    m1, m2 = trainer.train_step(), trainer.train_step()
+    trainer.close()
+    assert m1["loss/kl"] == 0.0 and m2["loss/kl"] > 0.0
