@@ -87,8 +87,9 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(
         TrainingError, match=r"step 1: non-finite loss in micro-batch 0 .*stopping without saving"
     ):
-        trainer.train_step()
-    trainer.close()
+        trainer.train()  # the loop saves only after a good step
+    assert trainer.checkpointer.latest() == good
+    assert sorted(p.name for p in good.parent.iterdir()) == ["latest", "step_000001"]
 
 
 def test_nan_weights_stop_generation_with_a_clear_message(tmp_path):
