@@ -98,3 +98,10 @@ class Results:
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+        # Tear the process groups down before interpreter exit: a gloo group left to the exit-time
+        # destructors aborted one rank in CI ("terminate called without an active exception").
+        if dist.is_initialized():
+            from parallel.distributed import destroy_distributed
+
+            dist.barrier()
+            destroy_distributed()

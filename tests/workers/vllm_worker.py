@@ -298,8 +298,8 @@ def main() -> None:
     res.run("sync_after_update", sync_after_update)
     res.run("sync_failure", sync_failure)
     res.run("sleep_wake_sequence", sleep_wake_sequence)
-    res.finish()
     gen.close()
+    res.finish()
 
 
 if __name__ == "__main__":
