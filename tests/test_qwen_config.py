@@ -89,6 +89,18 @@ def test_hf_dict_round_trip(real):
     assert QwenConfig.from_hf_dict(real.to_hf_dict()) == real
 
 
+def small_cfg(layers: int) -> QwenConfig:
+    """GQA (4 heads / 2 KV), vocab 300 (needs padding at any TP), untied."""
+    return QwenConfig.from_hf_dict(
+        {
+            "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1e4,
+            "rms_norm_eps": 1e-6,
+        }
+    )  # fmt: skip
+
+
 def _random_hf_state(cfg: QwenConfig) -> dict[str, torch.Tensor]:
     from models.qwen.hf_mapping import hf_names, hf_shape
 
@@ -98,14 +110,7 @@ def _random_hf_state(cfg: QwenConfig) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_shard_merge_split_are_inverse(tp):
-    cfg = QwenConfig.from_hf_dict(
-        {
-            "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 32,
-            "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1e4,
-            "rms_norm_eps": 1e-6,
-        }
-    )  # fmt: skip
+    cfg = small_cfg(layers=1)
     sd = _random_hf_state(cfg)
     read = state_dict_reader(sd, cfg)
     for rule in rules(cfg):
@@ -134,14 +139,7 @@ def test_transformer_engine_names_round_trip():
     """The GPU (TE spec) layout fuses the norms into the next linear: same mapping, renamed keys."""
     from models.qwen.hf_mapping import hf_to_mcore_state_dict, mcore_shards_to_hf
 
-    cfg = QwenConfig.from_hf_dict(
-        {
-            "architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 32,
-            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 1e4,
-            "rms_norm_eps": 1e-6,
-        }
-    )  # fmt: skip
+    cfg = small_cfg(layers=2)
     sd = _random_hf_state(cfg)
     shards = [hf_to_mcore_state_dict(cfg, state_dict_reader(sd, cfg), 2, r, te_names=True) for r in range(2)]
     keys = set(shards[0])
