@@ -33,22 +33,14 @@ import torch.distributed as dist
 from models.qwen.checkpoint import load_mcore_checkpoint, read_checkpoint_metadata, save_mcore_checkpoint
 from models.qwen.hf_mapping import merge_tp_shards, rules, split_tp, to_local_name
 from models.qwen.model import unwrap
-from parallel.distributed import dp_rank, tp_rank, tp_size
+from parallel.collectives import barrier
+from parallel.distributed import dp_rank, is_main_rank, tp_rank, tp_size
 
 if TYPE_CHECKING:
     from engine.trainer import GRPOTrainer
 
 STATE_DIR = "trainer_state"
 STEP_DIR = re.compile(r"step_(\d{6,})$")
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _named_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -110,12 +102,12 @@ class TrainCheckpointer:
             trainer.model, trainer.qcfg, out, extra=extra, overwrite=True,
             hf_assets_from=self.hf_assets_from, write_extra=write_state,
         )  # fmt: skip
-        if _rank0():
+        if is_main_rank():
             tmp = self.root / f"latest.tmp-{os.getpid()}"
             tmp.write_text(out.name + "\n")
             os.replace(tmp, self.root / "latest")
             self._prune()
-        _barrier()
+        barrier()
         return out
 
     def _optimizer_state(self, trainer: GRPOTrainer) -> dict[str, Any]:

@@ -447,6 +447,8 @@ def evaluate(
     """
     import torch.distributed as dist
 
+    from parallel.collectives import broadcast_object
+
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if scoring not in SCORING_MODES:
@@ -537,10 +539,7 @@ def evaluate(
                 )
     if is_global0:
         summary["mean"] = _mean_row({n: s for n, s in summary.items()})
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [summary]
-        dist.broadcast_object_list(box, src=0)
-        summary = box[0]
+    summary = broadcast_object(summary)
     settings = {
         "tasks": [t.name for t in task_list],
         "k": k,

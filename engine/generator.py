@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from models.qwen.model import attention_mask, unwrap
+from parallel.collectives import broadcast_tp
 
 
 @dataclass
@@ -148,7 +148,7 @@ class MegatronGenerator:
                     f"generator: non-finite logits at decode step {t} (weight version {self.weight_version})"
                 )
             tok, lp = sample_next(last, sampling, gen)
-            tok = self._broadcast_tp(tok)
+            tok = broadcast_tp(tok)  # TP ranks see identical logits; this makes lock step certain
             tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
             tokens[:, t], logps[:, t] = tok, torch.where(done, torch.zeros_like(lp), lp)
             hit_eos = ~done & torch.isin(tok, self.eos)
@@ -165,14 +165,3 @@ class MegatronGenerator:
         return GenerationOutput(
             out_ids, out_lp, finished, self.weight_version, {"gen_tokens": float(lengths.sum())}
         )
-
-    @staticmethod
-    def _broadcast_tp(tok: torch.Tensor) -> torch.Tensor:
-        """TP ranks see identical gathered logits; broadcasting from TP rank 0 makes lock step certain."""
-        group = parallel_state.get_tensor_model_parallel_group()
-        if dist.get_world_size(group) == 1:
-            return tok
-        src = dist.get_global_rank(group, 0)
-        t = tok.to(torch.cuda.current_device()) if torch.cuda.is_available() else tok.clone()
-        dist.broadcast(t, src=src, group=group)
-        return t.cpu()

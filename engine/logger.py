@@ -6,18 +6,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+from parallel.distributed import is_main_rank
 
 
 class MetricsLogger:
     """Writes scalars to ``<dir>/tb`` and prints one line per step: reward, KL, tokens/s, ETA."""
 
     def __init__(self, log_dir: str | Path, total_steps: int, enabled: bool | None = None) -> None:
-        self.enabled = _is_rank0() if enabled is None else enabled
+        self.enabled = is_main_rank() if enabled is None else enabled
         self.total_steps = total_steps
         self.t0 = time.time()
         self.writer = None

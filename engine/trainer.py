@@ -39,7 +39,7 @@ from engine.rewards import RewardScorer
 from engine.train_config import TrainConfig
 from models.qwen.config import HF_DTYPE_NAMES, QwenConfig, parse_dtype
 from models.qwen.model import build_model, forward_logits
-from parallel.collectives import all_gather_dp, all_reduce_dp
+from parallel.collectives import all_gather_dp, all_reduce, all_reduce_dp, broadcast_object
 from parallel.ddp import wrap_ddp
 from parallel.distributed import dp_rank, dp_size, init_distributed, tp_rank
 
@@ -228,7 +228,7 @@ class GRPOTrainer:
             if self.scorer is not None:
                 res = self.scorer(texts, batch.answers, completion_lengths=lengths, group_size=G)
                 scored = (res.total, res.per_function, res.num_timeouts, res.num_errors)
-            scored = self._broadcast_from_tp0(scored)
+            scored = broadcast_object(scored, parallel_state.get_tensor_model_parallel_group())
             rewards = torch.tensor(scored[0], dtype=torch.float32)
             all_rewards = all_gather_dp(rewards)
             all_adv = group_advantages(
@@ -399,9 +399,7 @@ class GRPOTrainer:
     # ---- helpers -----------------------------------------------------------------------------
     def _check_finite(self, loss: torch.Tensor, micro: int) -> None:
         """Stop every rank together (no rank left waiting in a collective) on a NaN/inf loss."""
-        bad = torch.tensor([0.0 if math.isfinite(float(loss)) else 1.0])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = all_reduce(torch.tensor([0.0 if math.isfinite(float(loss)) else 1.0]), dist.ReduceOp.MAX)
         if bad.item():
             raise TrainingError(
                 f"step {self.step}: non-finite loss in micro-batch {micro} (rank {dist.get_rank()} saw "
@@ -414,15 +412,6 @@ class GRPOTrainer:
         for i, r in enumerate(rows):
             t[i, : len(r)] = torch.tensor(r)
         return t
-
-    @staticmethod
-    def _broadcast_from_tp0(obj):
-        group = parallel_state.get_tensor_model_parallel_group()
-        if dist.get_world_size(group) == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        return box[0]
 
     @staticmethod
     def _dp_mean(d: dict[str, float]) -> dict[str, float]:

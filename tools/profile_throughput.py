@@ -56,6 +56,7 @@ import torch.distributed as dist  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from engine.train_config import TrainConfig  # noqa: E402
+from parallel.collectives import all_reduce, all_reduce_dp, barrier, broadcast_object  # noqa: E402
 from tools.machine import describe_machine  # noqa: E402
 
 MODES = ("all", "train", "generate")
@@ -102,37 +103,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def barrier() -> None:
-    if _world() > 1:
-        dist.barrier()
-
-
 def reduce_all(x: float, op: str = "sum", group=None) -> float:
-    if _world() == 1:
-        return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
-    return float(t[0])
-
-
-def dp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group()
+    return float(all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group)[0])
 
 
 def dp_sum(x: float) -> float:
-    return reduce_all(x, "sum", dp_group()) if _world() > 1 else float(x)
-
-
-def broadcast_from0(obj):
-    if _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return float(all_reduce_dp(torch.tensor([float(x)], dtype=torch.float64))[0])
 
 
 PHASES = ("rollout", "reward", "logprobs", "train", "sync")
@@ -395,7 +372,7 @@ def resolve_peak(args, cfg: TrainConfig) -> dict:
     barrier()
     flops = measure_peak_flops(dtype, n=4096 if on_gpu else 2048) if _rank() == 0 else 0.0
     barrier()
-    flops = broadcast_from0(flops)
+    flops = broadcast_object(flops)
     what = (
         f"measured: {'GPU' if on_gpu else f'{os.cpu_count()}-thread CPU'} {str(dtype).split('.')[-1]} matmul"
     )

@@ -59,6 +59,7 @@ from models.qwen.hf_mapping import (
     rules,
     to_te_name,
 )
+from parallel.collectives import barrier, broadcast_object
 
 FORMAT_NAME = "mcore_grpo"
 FORMAT_VERSION = 1
@@ -92,19 +93,6 @@ class CheckpointError(ValueError):
 # ---- distributed helpers (everything also works without torch.distributed) -------------
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _broadcast(obj: Any) -> Any:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---- atomic output directories ---------------------------------------------------------
@@ -173,16 +161,16 @@ def atomic_output_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     if collective:
-        tmp = Path(_broadcast(str(tmp) if tmp else None))
+        tmp = Path(broadcast_object(str(tmp) if tmp else None))
     assert tmp is not None
     try:
         yield tmp
         if collective:
-            _barrier()
+            barrier()
         if lead:
             _publish(tmp, out, overwrite)
         if collective:
-            _barrier()
+            barrier()
     except BaseException:
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -870,7 +858,7 @@ def mcore_to_hf_checkpoint(
     else:
         for _ in tensors:
             pass
-    _barrier()
+    barrier()
     return Path(out_dir)
 
 
