@@ -4,9 +4,10 @@ A training checkpoint is a Megatron model checkpoint (``models.qwen.checkpoint``
 converter reads, so ``tools/convert_checkpoint.py mcore-to-hf`` exports it directly) with, inside
 the same atomically renamed directory:
 
-- ``trainer_state/optim_tp<r>.pt``: Adam moments keyed by Megatron parameter name, plus the LR
-  scheduler, one file per TP rank (DP replicas hold identical states; DP rank 0 writes). Keyed by
-  name, they reshard to another TP through the one weight mapping, and any DP size can resume.
+- ``trainer_state/optim_tp<r>.pt``: Adam moments (and, on GPU, the fp32 master weights) keyed by
+  Megatron parameter name, full over DP (the distributed optimizer's shards are gathered first),
+  plus the LR scheduler, one file per TP rank (DP rank 0 writes). Keyed by name, they reshard to
+  another TP through the one weight mapping, and any DP size can resume.
 - ``trainer_state/rng_rank<g>.pt``: every rank's RNG states (restored when the world size matches;
   sampling seeds derive from the step, so a different layout still resumes deterministically).
 - ``ref/``: the frozen KL reference when it cannot be rebuilt from ``model.hf_checkpoint``.
@@ -88,11 +89,13 @@ class TrainCheckpointer:
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         }
 
+        optim_state = self._optimizer_state(trainer)  # collective over DP (distributed optimizer)
+
         def write_state(tmp: Path) -> None:
             d = tmp / STATE_DIR
             d.mkdir(exist_ok=True)
             if dp_rank() == 0:
-                torch.save(self._optimizer_state(trainer), d / f"optim_tp{tp_rank()}.pt")
+                torch.save(optim_state, d / f"optim_tp{tp_rank()}.pt")
             rank = dist.get_rank() if dist.is_initialized() else 0
             torch.save(_rng_state(), d / f"rng_rank{rank:05d}.pt")
             if trainer.ref_model is not None and not trainer.cfg.model.hf_checkpoint:
@@ -111,19 +114,12 @@ class TrainCheckpointer:
         return out
 
     def _optimizer_state(self, trainer: GRPOTrainer) -> dict[str, Any]:
-        opt = trainer.optimizer
-        state: dict[str, Any] = {"tp": tp_size(), "scheduler": trainer.scheduler.state_dict()}
-        inner = getattr(opt, "optimizer", opt)
-        if isinstance(inner, torch.optim.Optimizer) and not torch.cuda.is_available():
-            by_param = inner.state
-            state["params"] = {
-                name: {k: v.clone() if torch.is_tensor(v) else v for k, v in by_param[p].items()}
-                for name, p in _named_params(trainer.model).items()
-                if p in by_param
-            }
-        else:  # Megatron's optimizer (GPU): its own state dict, same layout required on resume
-            state["megatron"] = opt.state_dict()
-        return state
+        """Adam state by parameter name (CPU and GPU alike, see engine.optimizer) + LR schedule."""
+        return {
+            "tp": tp_size(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "params": trainer.optimizer.named_state(_named_params(trainer.model)),
+        }
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
@@ -171,26 +167,17 @@ class TrainCheckpointer:
         saved_tp = len(files)
         mine = torch.load(d / f"optim_tp{min(tp_rank(), saved_tp - 1)}.pt", weights_only=False)
         trainer.scheduler.load_state_dict(mine["scheduler"])
-        if "megatron" in mine:
-            if saved_tp != tp_size():
-                raise ValueError(
-                    f"{d}: GPU optimizer state saved at TP={saved_tp} cannot resume at TP={tp_size()}"
-                )
-            trainer.optimizer.load_state_dict(mine["megatron"])
-            return
+        if "params" not in mine:
+            raise KeyError(f"{d}: optimizer state in an unknown format (keys {sorted(mine)})")
         if saved_tp == tp_size():
             per_name = mine["params"]
         else:
             per_name = self._reshard(trainer, [torch.load(f, weights_only=False)["params"] for f in files])
-        inner = trainer.optimizer.optimizer
         params = _named_params(trainer.model)
         missing = sorted(set(params) - set(per_name))
         if missing:
             raise KeyError(f"{d}: optimizer state lacks parameters {missing[:5]}")
-        for name, p in params.items():
-            inner.state[p] = {
-                k: v.to(p.device) if torch.is_tensor(v) else v for k, v in per_name[name].items()
-            }
+        trainer.optimizer.load_named_state(params, per_name)
 
     def _reshard(self, trainer: GRPOTrainer, shards: list[dict[str, Any]]) -> dict[str, Any]:
         """Adam moments saved at TP=len(shards) -> this rank's shards at the current TP."""

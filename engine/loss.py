@@ -98,6 +98,10 @@ class LossConfig:
     scale_rewards: bool = True  # advantages: divide by group std (False = Dr.GRPO)
     advantage_baseline: str = "mean"  # mean | leave_one_out
     num_iterations: int = 1  # mu: policy updates per batch over stored old logprobs
+    # Training forward layout (Prefix Grouper): each group as ONE row [prompt | G completions] with
+    # a mask that keeps completions apart, so the prompt is forwarded once, not G times. Same loss
+    # and gradients; rollout.micro_batch_size must be a multiple of rollout.num_generations.
+    shared_prefix: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, valid: str) -> ValueError:
@@ -147,6 +151,8 @@ class LossConfig:
             or self.num_iterations < 1
         ):
             raise bad("num_iterations", self.num_iterations, "an int >= 1")
+        if not isinstance(self.shared_prefix, bool):
+            raise bad("shared_prefix", self.shared_prefix, "True or False")
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:

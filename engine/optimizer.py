@@ -6,12 +6,19 @@
   plus a TP-aware global grad-norm clip (replicated norm weights counted once).
 The LR schedule is Megatron's ``OptimizerParamScheduler`` in both cases (linear warmup, cosine to
 ``min_lr``), which matches HF's ``cosine_with_min_lr`` used by the open-rs recipe.
+
+Checkpoints hold optimizer state in ONE format for both paths: per model parameter name, full
+(DP-gathered, TP-local) tensors ``{"exp_avg", "exp_avg_sq", "step"[, "param"]}`` where ``param`` is
+the fp32 master copy of mixed-precision training (``named_state`` / ``load_named_state``). Megatron's
+own ``state_dict()`` is not used: its distributed optimizer leaves the per-parameter state out of it
+(``save_parameter_state`` writes that separately, in a DP/bucket-dependent layout).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,11 +97,25 @@ class CpuOptimizer:
         self.zero_grad()
         return True, norm
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def named_state(self, named: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, Any]]:
+        """AdamW state per parameter name (clones, on CPU)."""
+        st = self.optimizer.state
+        return {n: {k: _cpu(v) for k, v in st[p].items()} for n, p in named.items() if p in st}
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd)
+    def load_named_state(self, named: dict[str, torch.nn.Parameter], per_name: dict[str, dict]) -> None:
+        for name, p in named.items():
+            self.optimizer.state[p] = {
+                k: v.to(p.device) if torch.is_tensor(v) else v
+                for k, v in per_name[name].items()
+                if k in ADAM_KEYS  # a GPU checkpoint's fp32 master "param" is not AdamW state here
+            }
+
+
+ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
 
 
 class GpuOptimizer:
@@ -110,6 +131,7 @@ class GpuOptimizer:
             McoreOptimizerConfig(
                 optimizer="adam",
                 lr=cfg.lr,
+                min_lr=cfg.lr * cfg.min_lr_ratio,  # the scheduler reads max/min LR from the groups
                 weight_decay=cfg.weight_decay,
                 adam_beta1=cfg.adam_beta1,
                 adam_beta2=cfg.adam_beta2,
@@ -131,11 +153,110 @@ class GpuOptimizer:
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float(norm or 0.0)
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def _subs(self) -> list:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd)
+    def named_state(self, named: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, Any]]:
+        return megatron_named_state(self._subs(), named)
+
+    def load_named_state(self, named: dict[str, torch.nn.Parameter], per_name: dict[str, dict]) -> None:
+        if not all("param" in per_name[n] for n in named):  # a CPU checkpoint: no fp32 masters saved
+            self.optimizer.reload_model_params()  # masters from the just-loaded model weights
+        load_megatron_named_state(self._subs(), named, per_name)
+
+
+# ---- Megatron optimizer state <-> per-name full tensors (pure functions: CPU-testable with stand-ins) ---
+Master = tuple[Any, "torch.Tensor | None", tuple[int, int]]
+
+
+def master_map(subs: list) -> dict[torch.nn.Parameter, Master]:
+    """model param -> (sub-optimizer, the fp32 master its inner Adam steps on this rank, the flat range
+    of the param that master covers). Master is None where the distributed optimizer gave the whole
+    param to other DP ranks. Uses Megatron's lock-step (model group, master group) lists; the inner
+    optimizer's param_groups are reordered (fp32 params first) and must not be indexed directly."""
+    out: dict[torch.nn.Parameter, Master] = {}
+    for sub in subs:
+        if hasattr(sub, "model_float16_groups"):  # DistributedOptimizer: DP shards of flat params
+            pairs = [(sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
+                     (sub.model_fp32_groups, sub.shard_fp32_groups)]  # fmt: skip
+            for p in sub.model_param_gbuf_map:
+                out[p] = (sub, None, (0, 0))
+        elif hasattr(sub, "float16_groups"):  # Float16OptimizerWithFloat16Params
+            pairs = [(sub.float16_groups, sub.fp32_from_float16_groups),
+                     (sub.fp32_from_fp32_groups, sub.fp32_from_fp32_groups)]  # fmt: skip
+        else:  # FP32Optimizer: the model params are the masters
+            groups = [g["params"] for g in sub.optimizer.param_groups]
+            pairs = [(groups, groups)]
+        distributed = hasattr(sub, "model_float16_groups")
+        for model_groups, master_groups in pairs:
+            for mg, sg in zip(model_groups, master_groups, strict=True):
+                for p, master in zip(mg, sg, strict=True):
+                    if distributed:
+                        r = sub._get_model_param_range_map(p)["param"]
+                        out[p] = (sub, master, (r.start, r.end))
+                    else:
+                        out[p] = (sub, master, (0, p.numel()))
+    return out
+
+
+def _locate(masters: dict, p: torch.nn.Parameter) -> Master:
+    if p not in masters:
+        raise KeyError(f"parameter of shape {tuple(p.shape)} is in no Megatron sub-optimizer")
+    return masters[p]
+
+
+def megatron_named_state(subs: list, named: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, Any]]:
+    """Collective over DP. Per name: full fp32 master ``param`` + Adam moments + ``step`` (on CPU).
+
+    The distributed optimizer holds a contiguous range of each flattened parameter per DP rank: each
+    rank writes its range into a zero buffer and a DP all-reduce (sum) assembles the whole.
+    """
+    masters = master_map(subs)
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in named.items():
+        sub, master, (start, end) = _locate(masters, p)
+        state = sub.optimizer.state.get(master, {}) if master is not None else {}
+        group = getattr(sub, "data_parallel_group", None)
+        reduce = group is not None and dist.get_world_size(group) > 1
+        entry: dict[str, Any] = {}
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            src = master if key == "param" else state.get(key)
+            if src is not None:
+                full[start:end] = src.detach().reshape(-1).float()
+            if reduce:
+                dist.all_reduce(full, group=group)
+            entry[key] = full.view(p.shape).cpu()
+        step = torch.tensor([float(state.get("step", 0))], dtype=torch.float64, device=p.device)
+        if reduce:
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
+        entry["step"] = torch.tensor(float(step))
+        out[name] = entry
+    return out
+
+
+def load_megatron_named_state(
+    subs: list, named: dict[str, torch.nn.Parameter], per_name: dict[str, dict]
+) -> None:
+    """Inverse of ``megatron_named_state``: each rank takes its own range (fp32 masters only when
+    the state has them)."""
+    masters = master_map(subs)
+    with torch.no_grad():
+        for name, p in named.items():
+            sub, master, (start, end) = _locate(masters, p)
+            if master is None:
+                continue
+            saved = per_name[name]
+            if "param" in saved:
+                master.copy_(saved["param"].reshape(-1)[start:end].view_as(master))
+            state = sub.optimizer.state[master]  # torch Adam(W) creates its state lazily: fill it here
+            for k in ("exp_avg", "exp_avg_sq"):
+                state[k] = (
+                    saved[k].reshape(-1)[start:end].to(master.device, master.dtype).view_as(master).clone()
+                )
+            step = torch.tensor(float(saved["step"]))  # torch Adam(W) keeps it on the CPU ...
+            fused = any(g.get("fused") or g.get("capturable") for g in sub.optimizer.param_groups)
+            state["step"] = step.to(master.device) if fused else step  # ... unless fused/capturable
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> CpuOptimizer | GpuOptimizer:

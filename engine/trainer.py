@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from engine.advantages import group_advantages
 from engine.checkpointing import TrainCheckpointer
@@ -38,7 +39,7 @@ from engine.phases import Phase, PhaseScheduler, TrainerOffload
 from engine.rewards import RewardScorer
 from engine.train_config import TrainConfig
 from models.qwen.config import HF_DTYPE_NAMES, QwenConfig, parse_dtype
-from models.qwen.model import build_model, forward_logits
+from models.qwen.model import build_model, forward_logits, prefix_tree_attention_mask, unwrap
 from parallel.collectives import all_gather_dp, all_reduce, all_reduce_dp, broadcast_object
 from parallel.ddp import wrap_ddp
 from parallel.distributed import dp_rank, dp_size, init_distributed, tp_rank
@@ -50,13 +51,17 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class MicroBatch:
-    """Rows of [left-padded prompt | right-padded completion]; completion tokens start at column P."""
+    """One forward's rows. Unpacked (``group_size == 0``): rows [left-padded prompt | right-padded
+    completion], completion tokens from column P. Packed (shared prefix, ``group_size == G``): one row
+    per group, [left-padded prompt (P) | completion 1 (C) | ... | completion G (C)], each completion
+    right-padded to C. ``completion_mask`` (and every logprob tensor) is [completions, C] in both."""
 
-    input_ids: torch.Tensor  # [b, P + C]
-    attn: torch.Tensor  # [b, P + C] True = real token
-    completion_mask: torch.Tensor  # [b, C] True = token in the loss (up to and including EOS)
+    input_ids: torch.Tensor  # [b, S]
+    attn: torch.Tensor  # [b, S] True = real token
+    completion_mask: torch.Tensor  # [completions, C] True = token in the loss (up to and including EOS)
     P: int
-    rows: slice
+    rows: slice  # completion rows of the step's batch
+    group_size: int = 0  # G when packed; 0 = one row per completion
 
 
 def build_micro_batch(
@@ -73,14 +78,110 @@ def build_micro_batch(
     return MicroBatch(ids, attn, attn[:, P:].clone(), P, rows)
 
 
+def build_packed_micro_batch(
+    prompts: list[list[int]], completions: list[list[int]], rows: slice, pad_id: int, group_size: int
+) -> MicroBatch:
+    """Shared-prefix packing: each run of ``group_size`` rows (one prompt, G completions) -> one row.
+
+    P and C are the micro-batch's longest prompt and completion, as in :func:`build_micro_batch`, so
+    the completion mask, and with it the token-mean loss, is the unpacked one.
+    """
+    G = group_size
+    if len(prompts) % G:
+        raise ValueError(f"{len(prompts)} rows do not split into whole groups of {G} (shared prefix)")
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(prompts) // G, P + G * C), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids, dtype=torch.bool)
+    cmask = torch.zeros(len(prompts), C, dtype=torch.bool)
+    for g in range(len(prompts) // G):
+        p = prompts[g * G]
+        if any(q != p for q in prompts[g * G : (g + 1) * G]):
+            raise ValueError(f"rows {g * G}..{(g + 1) * G - 1} are not one group (their prompts differ)")
+        ids[g, P - len(p) : P] = torch.tensor(p)
+        attn[g, P - len(p) : P] = True
+        for j, c in enumerate(completions[g * G : (g + 1) * G]):
+            lo = P + j * C
+            ids[g, lo : lo + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[g, lo : lo + len(c)] = True
+            cmask[g * G + j, : len(c)] = True
+    return MicroBatch(ids, attn, cmask, P, rows, group_size=G)
+
+
+def build_micro_batches(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    micro_batch_size: int,
+    pad_id: int,
+    num_generations: int,
+    shared_prefix: bool = False,
+) -> list[MicroBatch]:
+    """Consecutive micro-batches of ``micro_batch_size`` completions (the last may be shorter); with
+    ``shared_prefix`` each holds whole groups, packed by :func:`build_packed_micro_batch`."""
+    n = len(completions)
+    if shared_prefix:
+        if micro_batch_size % num_generations:
+            raise ValueError(
+                f"loss.shared_prefix=true packs whole groups into each micro-batch: "
+                f"rollout.micro_batch_size={micro_batch_size} must be a multiple of "
+                f"rollout.num_generations={num_generations}"
+            )
+        return [
+            build_packed_micro_batch(
+                prompts[s : s + micro_batch_size], completions[s : s + micro_batch_size],
+                slice(s, s + micro_batch_size), pad_id, num_generations,
+            )
+            for s in range(0, n, micro_batch_size)
+        ]  # fmt: skip
+    return [
+        build_micro_batch(
+            prompts[s : s + micro_batch_size], completions[s : s + micro_batch_size],
+            slice(s, s + micro_batch_size), pad_id,
+        )
+        for s in range(0, n, micro_batch_size)
+    ]  # fmt: skip
+
+
+def shared_prefix_layout(P: int, G: int, C: int) -> tuple[torch.Tensor, ...]:
+    """(RoPE positions [S], segments [S], logit columns [G, C], target columns [G, C]) of the packed
+    layout, S = P + G C.
+
+    Slot j (0-based) covers columns P + jC .. P + (j+1)C - 1 with positions P .. P+C-1, where the
+    unpacked row has them, so every attention score is the unpacked one. Completion token t of slot j
+    (column P + jC + t) is predicted by the logits at column P + jC + t - 1, token 0 of every slot by
+    the shared last prompt column P - 1.
+    """
+    t = torch.arange(C)
+    positions = torch.cat([torch.arange(P), (P + t).repeat(G)])
+    segments = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, G + 1).repeat_interleave(C)])
+    targets = P + torch.arange(G)[:, None] * C + t[None, :]
+    sources = targets - 1
+    sources[:, 0] = P - 1
+    return positions, segments, sources, targets
+
+
 def completion_logprobs(
     model: torch.nn.Module, mb: MicroBatch, vocab_size: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each completion token [b, C], its vocab-parallel logits [b, C, V/TP])."""
+    """(log p of each completion token [completions, C], its vocab-parallel logits [completions, C, V/TP])."""
     device = next(model.parameters()).device
-    logits = forward_logits(model, mb.input_ids.to(device), mb.attn.to(device))
-    logits = logits[:, mb.P - 1 : -1]  # position t predicts token t + 1
-    return token_logprobs(logits, mb.input_ids[:, mb.P :].to(device), vocab_size, temperature).cpu(), logits
+    ids = mb.input_ids.to(device)
+    if not mb.group_size:
+        logits = forward_logits(model, ids, mb.attn.to(device))
+        logits = logits[:, mb.P - 1 : -1]  # position t predicts token t + 1
+        return token_logprobs(logits, ids[:, mb.P :], vocab_size, temperature).cpu(), logits
+    core = type(unwrap(model).decoder.layers[0].self_attention.core_attention)
+    if core is not DotProductAttention:
+        # Packed rows need the explicit mask applied; only the local spec is verified to (TE was not
+        # installable in CI or on the lent GPU), so refuse rather than risk slots seeing each other.
+        raise NotImplementedError(f"loss.shared_prefix needs the local attention spec, model has {core}")
+    G, C = mb.group_size, mb.completion_mask.shape[1]
+    positions, segments, sources, targets = shared_prefix_layout(mb.P, G, C)
+    mask = prefix_tree_attention_mask(mb.attn.to(device), segments)
+    logits = forward_logits(model, ids, attn_mask=mask, positions=positions)
+    logits = logits[:, sources.to(device)].flatten(0, 1)  # [groups * G, C, V/TP], unpacked row order
+    tokens = ids[:, targets.to(device)].flatten(0, 1)
+    return token_logprobs(logits, tokens, vocab_size, temperature).cpu(), logits
 
 
 def accumulate_policy_grads(
@@ -238,11 +339,9 @@ class GRPOTrainer:
 
         # 3. LOGPROBS: reference (frozen initial policy) and old (only when mu > 1: else ratio == 1).
         with self.phases.phase(Phase.LOGPROBS):
-            mb_size = ro.micro_batch_size
-            mbs = [
-                build_micro_batch(batch.prompt_ids[s : s + mb_size], completions[s : s + mb_size], slice(s, s + mb_size), self.pad_id)
-                for s in range(0, n, mb_size)
-            ]  # fmt: skip
+            mbs = build_micro_batches(
+                batch.prompt_ids, completions, ro.micro_batch_size, self.pad_id, G, cfg.loss.shared_prefix
+            )
             if ro.mask_truncated_completions:
                 for mb in mbs:
                     mb.completion_mask &= torch.tensor(out.finished[mb.rows])[:, None]

@@ -33,6 +33,21 @@ def torchrun(script: str, nproc: int, out_dir: Path, *args: str, timeout: int = 
     return json.loads((out_dir / "results.json").read_text())
 
 
+def per_layout(script: str, out_dir: Path, layouts: dict[str, tuple[int, int]]):
+    """A getter ``layout -> results`` that launches ``script`` once per layout (nproc, tp), cached."""
+    cache: dict[str, dict] = {}
+
+    def get(layout: str) -> dict:
+        if layout not in cache:
+            nproc, tp = layouts[layout]
+            cache[layout] = torchrun(
+                script, nproc, out_dir / f"{Path(script).stem}_{layout}", "--tp", str(tp)
+            )
+        return cache[layout]
+
+    return get
+
+
 def check(results: dict, name: str) -> None:
     assert name in results, f"check {name!r} did not run; ran: {sorted(results)}"
     r = results[name]

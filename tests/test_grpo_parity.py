@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import check, torchrun
+from conftest import check, per_layout
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2), "tp2xdp2": (4, 2)}
 CHECKS = [
@@ -13,6 +13,7 @@ CHECKS = [
     "gen/greedy_equals_hf",
     "gen/top_k1_equals_greedy",
     "gen/top_p_tiny_equals_greedy",
+    "gen/shared_prefill_equals_single",
     "gen/seeded_deterministic",
     "gen/tp_lock_step",
     "gen/eos_or_truncated",
@@ -22,15 +23,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def results(session_tmp):
-    cache: dict[str, dict] = {}
-
-    def get(layout: str) -> dict:
-        if layout not in cache:
-            nproc, tp = LAYOUTS[layout]
-            cache[layout] = torchrun("grpo_parity.py", nproc, session_tmp / f"grpo_{layout}", "--tp", str(tp))
-        return cache[layout]
-
-    return get
+    return per_layout("grpo_parity.py", session_tmp, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import check, torchrun
+from conftest import check, per_layout
 from workers.common import TINY_VARIANTS
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2), "tp2xdp2": (4, 2)}  # name -> (nproc, tp)
@@ -12,17 +12,7 @@ CHECKS = ["logits", "padded_vocab_shape", "logprobs", "grads", "weights_roundtri
 
 @pytest.fixture(scope="module")
 def layout_results(session_tmp):
-    cache: dict[str, dict] = {}
-
-    def get(layout: str) -> dict:
-        if layout not in cache:
-            nproc, tp = LAYOUTS[layout]
-            cache[layout] = torchrun(
-                "model_parity.py", nproc, session_tmp / f"parity_{layout}", "--tp", str(tp)
-            )
-        return cache[layout]
-
-    return get
+    return per_layout("model_parity.py", session_tmp, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -2,7 +2,7 @@
 
 python tools/bench_vs_trl.py [--setup] [--steps 8] [--warmup 2] [--model tiny|small|PATH]
     [--prompts 16] [--generations 16] [--max-completion 2] [--micro-batch 128] [--beta 0.0]
-    [--layouts tp1dp1,tp2dp2] [--json OUT]
+    [--layouts tp1dp1,tp2dp2] [--ours-set KEY=VALUE ...] [--json OUT]
 
 One invocation runs, one after the other on the same machine:
   * TRL   ``trl.GRPOTrainer`` on 1 process (CPU, torch using every core), in a subprocess with the
@@ -77,6 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=2, help="repeat all runs, interleaved; steps are pooled")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for our runs only, after the benchmark's own (repeatable), "
+        "e.g. loss.shared_prefix=true",
+    )
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)  # worker result file
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -232,6 +240,7 @@ def ours_worker(args) -> None:
             f"optim.lr={args.lr}",
             f"logging.dir={logdir}",
             "logging.log_completions=0",
+            *args.ours_set,
         ]
         cfg = load_config(TrainConfig, DEMO_CONFIG, overrides)
         trainer = GRPOTrainer(cfg)
@@ -255,7 +264,8 @@ def ours_worker(args) -> None:
             destroy_distributed()
     if rank0:
         result = {
-            "name": f"ours TP{args.tp} x DP{dp} ({world} process{'es' if world > 1 else ''})",
+            "name": f"ours TP{args.tp} x DP{dp} ({world} process{'es' if world > 1 else ''})"
+            + "".join(f" {o}" for o in args.ours_set),
             "threads": torch.get_num_threads(),
             "step_s": step_times(ends, args.warmup),
             "cpu_s": cpu_t.tolist(),
@@ -334,7 +344,7 @@ def main(argv=None) -> dict | None:
             cmd = [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                 __file__, "--worker", "ours", "--tp", str(tp), "--out", str(tmp / f"ours_{layout}.json"),
-                *common_args(args, model),
+                *common_args(args, model), *(a for o in args.ours_set for a in ("--ours-set", o)),
             ]  # fmt: skip
             threads = max(1, args.threads // world)  # no oversubscription of threads within a rank
             jobs.append((f"ours {layout}", cmd, {**base_env, "OMP_NUM_THREADS": str(threads)}))

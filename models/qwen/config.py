@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,8 +205,10 @@ class QwenConfig:
             fp16=params_dtype == torch.float16,
             use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
             perform_initialization=perform_initialization,
-            # Fused CUDA kernels only where they exist.
-            masked_softmax_fusion=on_gpu,
+            # Megatron's fused softmax is a separately built CUDA extension (apex-style): use it only
+            # when importable (a stock PyTorch GPU image lacks it; measured on an H200 machine).
+            masked_softmax_fusion=on_gpu
+            and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
             bias_activation_fusion=False,
             bias_dropout_fusion=False,
             apply_rope_fusion=False,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -27,12 +31,20 @@ def layer_spec(use_te: bool | None = None) -> ModuleSpec:
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.enums import AttnMaskType
 
     if use_te is None:
         use_te = use_transformer_engine()
-    if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = (
+        get_gpt_layer_with_transformer_engine_spec()
+        if use_te
+        else get_gpt_layer_local_spec(normalization="RMSNorm")
+    )
+    # Megatron's specs say "causal", and under "causal" the fused paths (TE, and the local spec's
+    # upper-triangular softmax kernel when built) ignore the attention mask we pass: left-padded
+    # prompts would attend to their pads. "arbitrary" makes every path apply our explicit mask.
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return spec
 
 
 def build_model(
@@ -102,15 +114,91 @@ def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor:
     return causal[None, None] | ~pad_mask.bool()[:, None, None, :]
 
 
+def prefix_tree_attention_mask(pad_mask: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Megatron's boolean mask [B, 1, S, S] (True = masked) for a shared prefix with branches.
+
+    ``segments`` [S] gives each column's segment: 0 = the shared prefix, k > 0 = branch k. Query q
+    sees key k iff ``k <= q`` (causal), key k is a real token (``pad_mask``) and key k is in the prefix
+    or in q's own branch, so branches never see each other. Prefix queries see only the prefix (it
+    comes first), exactly as in the unpacked causal mask.
+    """
+    S = pad_mask.shape[1]
+    seg = segments.to(pad_mask.device)
+    causal = torch.ones(S, S, dtype=torch.bool, device=pad_mask.device).triu(1)
+    other_branch = (seg[None, :] != 0) & (seg[None, :] != seg[:, None])  # [q, k]
+    return (causal | other_branch)[None, None] | ~pad_mask.bool()[:, None, None, :]
+
+
+def rotary_freqs(rope: RotaryEmbedding, positions: torch.Tensor) -> torch.Tensor:
+    """``RotaryEmbedding.get_emb`` for arbitrary ``positions`` [S] instead of ``0..S-1``: [S, 1, 1, dim].
+
+    The same operations in the same order (interpolation factor, outer product with the module's own
+    ``inv_freq``, concatenated or interleaved halves), so ``positions = arange(S)`` is bit-identical.
+    Megatron's plain RotaryEmbedding has no mscale (only the YaRN subclass does).
+    """
+    seq = positions.to(device=rope.inv_freq.device, dtype=rope.inv_freq.dtype)
+    if rope.seq_len_interpolation_factor is not None:
+        seq = seq * (1 / rope.seq_len_interpolation_factor)
+    freqs = torch.outer(seq, rope.inv_freq)
+    if not rope.rotary_interleaved:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    else:
+        emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+    return emb[:, None, None, :]
+
+
+@contextlib.contextmanager
+def rotary_positions(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``model``'s RoPE uses ``positions`` [S] (shared by every row) for its
+    sequence of length S instead of ``0..S-1``.
+
+    GPTModel ignores ``position_ids`` for RoPE (it asks its RotaryEmbedding for ``seq_len`` positions);
+    a forward hook on that one module instance replaces the result, and is removed on exit.
+    """
+    rope = getattr(unwrap(model), "rotary_pos_emb", None)
+    if type(rope) is not RotaryEmbedding:  # YaRN / multimodal RoPE return other things
+        raise TypeError(f"custom rotary positions need a plain RotaryEmbedding, model has {type(rope)}")
+    if rope.cp_group is not None and rope.cp_group.size() > 1:
+        raise NotImplementedError("custom rotary positions with context parallelism (CP > 1)")
+
+    def hook(_module, _args, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] != positions.shape[0]:
+            raise ValueError(
+                f"rotary positions has {positions.shape[0]} entries, the sequence {output.shape[0]}"
+            )
+        return rotary_freqs(rope, positions)  # after forward: inv_freq is on its device by now
+
+    handle = rope.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def forward_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, pad_mask: torch.Tensor | None = None
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    pad_mask: torch.Tensor | None = None,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vocab-parallel logits [B, S, padded_vocab / TP] (padded columns are NOT masked here)."""
-    if pad_mask is None:
-        pad_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    """Vocab-parallel logits [B, S, padded_vocab / TP] (padded columns are NOT masked here).
+
+    ``attn_mask`` [B, 1, S, S] (True = masked) replaces the causal + ``pad_mask`` one; ``positions``
+    [S] are the RoPE positions of every row (default ``0..S-1``).
+    """
     S = input_ids.shape[1]
-    position_ids = torch.arange(S, device=input_ids.device)[None].expand_as(input_ids)
-    return model(input_ids, position_ids, attention_mask(pad_mask))
+    if attn_mask is None:
+        if pad_mask is None:
+            pad_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attn_mask = attention_mask(pad_mask)
+    if positions is None:
+        position_ids = torch.arange(S, device=input_ids.device)[None].expand_as(input_ids)
+        return model(input_ids, position_ids, attn_mask)
+    positions = positions.to(input_ids.device)
+    with rotary_positions(model, positions):
+        return model(input_ids, positions[None].expand_as(input_ids), attn_mask)
 
 
 def gather_hf_state_dict(

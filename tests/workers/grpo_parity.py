@@ -135,6 +135,15 @@ def check_generator(res: Results) -> None:
     res.record("gen/top_k1_equals_greedy", topk1.completion_ids == greedy.completion_ids)
     tiny_p = gen.generate(prompts, 1, SamplingConfig(temperature=1.0, top_p=1e-6, max_new_tokens=8, seed=1))
     res.record("gen/top_p_tiny_equals_greedy", tiny_p.completion_ids == greedy.completion_ids)
+    # n > 1 prefills each prompt once and copies its KV cache to the n rows: greedy rows must equal n=1.
+    fan = gen.generate(prompts, 3, SamplingConfig(temperature=0.0, max_new_tokens=8))
+    same = fan.completion_ids == [c for c in greedy.completion_ids for _ in range(3)]
+    lp_err = max(
+        abs(x - y)
+        for got, want in zip(fan.logprobs, [lp for lp in greedy.logprobs for _ in range(3)], strict=True)
+        for x, y in zip(got, want, strict=True)
+    )
+    res.record("gen/shared_prefill_equals_single", same and lp_err <= 1e-5, max_abs=lp_err)
 
     s = SamplingConfig(temperature=0.7, max_new_tokens=8, seed=11)
     a = gen.generate(prompts, 3, s)
