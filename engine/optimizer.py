@@ -227,7 +227,8 @@ def megatron_named_state(subs: list, named: dict[str, torch.nn.Parameter]) -> di
             if reduce:
                 dist.all_reduce(full, group=group)
             entry[key] = full.view(p.shape).cpu()
-        step = torch.tensor([float(state.get("step", 0))], dtype=torch.float64, device=p.device)
+        own_step = state.get("step", _group_of(sub, master).get("step", 0) if master is not None else 0)
+        step = torch.tensor([float(own_step)], dtype=torch.float64, device=p.device)
         if reduce:
             dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
         entry["step"] = torch.tensor(float(step))
@@ -254,9 +255,23 @@ def load_megatron_named_state(
                 state[k] = (
                     saved[k].reshape(-1)[start:end].to(master.device, master.dtype).view_as(master).clone()
                 )
-            step = torch.tensor(float(saved["step"]))  # torch Adam(W) keeps it on the CPU ...
-            fused = any(g.get("fused") or g.get("capturable") for g in sub.optimizer.param_groups)
+            group = _group_of(sub, master)
+            if "step" in group:  # TE / Apex FusedAdam count steps per param group
+                group["step"] = int(saved["step"])
+                continue
+            step = torch.tensor(float(saved["step"]))  # torch Adam(W) keeps it per param on the CPU ...
+            fused = group.get("fused") or group.get("capturable")
             state["step"] = step.to(master.device) if fused else step  # ... unless fused/capturable
+
+
+def _group_of(sub: Any, master: torch.Tensor) -> dict[str, Any]:
+    """The inner optimizer's param group that steps ``master``."""
+    for g in sub.optimizer.param_groups:
+        if any(q is master for q in g["params"]):
+            return g
+    raise KeyError(
+        f"master tensor of shape {tuple(master.shape)} is in no param group of {type(sub).__name__}"
+    )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> CpuOptimizer | GpuOptimizer:
