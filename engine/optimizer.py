@@ -64,6 +64,13 @@ def grad_norm(params: list[torch.nn.Parameter]) -> float:
     return math.sqrt(float(sq))
 
 
+ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+
+
 class CpuOptimizer:
     """AdamW over DDP main_grads with Megatron-style clipping; the CPU stand-in for MegatronOptimizer."""
 
@@ -98,7 +105,10 @@ class CpuOptimizer:
         return True, norm
 
     def named_state(self, named: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, Any]]:
-        """AdamW state per parameter name (clones, on CPU)."""
+        """AdamW state per parameter name (clones, on CPU) on DP rank 0, the rank that writes it;
+        {} on the other DP ranks (their replicas are identical)."""
+        if parallel_state.get_data_parallel_rank() != 0:
+            return {}
         st = self.optimizer.state
         return {n: {k: _cpu(v) for k, v in st[p].items()} for n, p in named.items() if p in st}
 
@@ -109,13 +119,6 @@ class CpuOptimizer:
                 for k, v in per_name[name].items()
                 if k in ADAM_KEYS  # a GPU checkpoint's fp32 master "param" is not AdamW state here
             }
-
-
-ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
-
-
-def _cpu(v: Any) -> Any:
-    return v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
 
 
 class GpuOptimizer:
@@ -176,7 +179,8 @@ def master_map(subs: list) -> dict[torch.nn.Parameter, Master]:
     optimizer's param_groups are reordered (fp32 params first) and must not be indexed directly."""
     out: dict[torch.nn.Parameter, Master] = {}
     for sub in subs:
-        if hasattr(sub, "model_float16_groups"):  # DistributedOptimizer: DP shards of flat params
+        distributed = hasattr(sub, "model_float16_groups")
+        if distributed:  # DistributedOptimizer: DP shards of flat params
             pairs = [(sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
                      (sub.model_fp32_groups, sub.shard_fp32_groups)]  # fmt: skip
             for p in sub.model_param_gbuf_map:
@@ -187,7 +191,6 @@ def master_map(subs: list) -> dict[torch.nn.Parameter, Master]:
         else:  # FP32Optimizer: the model params are the masters
             groups = [g["params"] for g in sub.optimizer.param_groups]
             pairs = [(groups, groups)]
-        distributed = hasattr(sub, "model_float16_groups")
         for model_groups, master_groups in pairs:
             for mg, sg in zip(model_groups, master_groups, strict=True):
                 for p, master in zip(mg, sg, strict=True):
@@ -206,18 +209,22 @@ def _locate(masters: dict, p: torch.nn.Parameter) -> Master:
 
 
 def megatron_named_state(subs: list, named: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, Any]]:
-    """Collective over DP. Per name: full fp32 master ``param`` + Adam moments + ``step`` (on CPU).
+    """Collective over DP. On DP rank 0 (the rank that writes it): per name, the full fp32 master
+    ``param`` + Adam moments + ``step``, on CPU; {} on the other DP ranks.
 
     The distributed optimizer holds a contiguous range of each flattened parameter per DP rank: each
-    rank writes its range into a zero buffer and a DP all-reduce (sum) assembles the whole.
+    rank writes its range into a zero buffer and a sum-reduce to DP rank 0 assembles the whole, so
+    only that rank holds a host copy.
     """
     masters = master_map(subs)
+    keep = parallel_state.get_data_parallel_rank() == 0
     out: dict[str, dict[str, Any]] = {}
     for name, p in named.items():
         sub, master, (start, end) = _locate(masters, p)
         state = sub.optimizer.state.get(master, {}) if master is not None else {}
         group = getattr(sub, "data_parallel_group", None)
         reduce = group is not None and dist.get_world_size(group) > 1
+        dst = dist.get_global_rank(group, 0) if reduce else None
         entry: dict[str, Any] = {}
         for key in ("param", "exp_avg", "exp_avg_sq"):
             full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
@@ -225,14 +232,16 @@ def megatron_named_state(subs: list, named: dict[str, torch.nn.Parameter]) -> di
             if src is not None:
                 full[start:end] = src.detach().reshape(-1).float()
             if reduce:
-                dist.all_reduce(full, group=group)
-            entry[key] = full.view(p.shape).cpu()
+                dist.reduce(full, dst=dst, group=group)
+            if keep:
+                entry[key] = full.view(p.shape).cpu()
         own_step = state.get("step", _group_of(sub, master).get("step", 0) if master is not None else 0)
         step = torch.tensor([float(own_step)], dtype=torch.float64, device=p.device)
         if reduce:
-            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=group)
-        entry["step"] = torch.tensor(float(step))
-        out[name] = entry
+            dist.reduce(step, dst=dst, op=dist.ReduceOp.MAX, group=group)
+        if keep:
+            entry["step"] = torch.tensor(float(step))
+            out[name] = entry
     return out
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from common import Results
 
 from engine.optimizer import load_megatron_named_state, megatron_named_state
+from parallel.collectives import broadcast_object
 from parallel.distributed import init_distributed
 
 SHAPES = {"a.weight": (6, 5), "b.bias": (7,), "c.weight": (3, 4), "d.norm": (9,)}
@@ -117,6 +118,47 @@ def check_kind(res: Results, kind: str, group) -> None:
         ref.step()
 
     state = megatron_named_state([opt], params)
+    if dist.get_rank() != 0:  # only DP rank 0 (the writer) assembles the state; the others contribute
+        res.record(f"{kind}/gathered_equals_full_adam", state == {}, note="non-writing DP rank")
+    else:
+        check_gathered(res, kind, state, params, ref_params, ref)
+    state = broadcast_object(state)  # on resume every rank reads the written file
+    expect = set(params) if dist.get_rank() == 0 else set()  # names assembled on this rank
+
+    # A fresh optimizer (random masters, no moments) loaded from the state continues identically.
+    params_b = make_params()
+    with torch.no_grad():
+        for n in params:
+            params_b[n].copy_(params[n])
+    opt_b = make(params_b)
+    load_megatron_named_state([opt_b], params_b, state)
+    opt.step(grads(params, 3))
+    opt_b.step(grads(params_b, 3))
+    after_a, after_b = megatron_named_state([opt], params), megatron_named_state([opt_b], params_b)
+    diff = max(
+        (float((after_a[n][k] - after_b[n][k]).abs().max()) for n in after_a for k in ("param", "exp_avg")),
+        default=0.0,
+    )
+    res.record(
+        f"{kind}/resumed_step_identical",
+        diff == 0.0 and after_a.keys() == after_b.keys() == expect,
+        max_abs=diff,
+    )
+
+    # A state without fp32 masters (a CPU checkpoint) loads the moments and keeps the own masters.
+    pc = make_params()
+    opt_c = make(pc)
+    before = megatron_named_state([opt_c], pc)
+    no_master = {n: {k: v for k, v in st.items() if k != "param"} for n, st in state.items()}
+    load_megatron_named_state([opt_c], pc, no_master)
+    after = megatron_named_state([opt_c], pc)
+    ok = all(torch.equal(after[n]["param"], before[n]["param"]) for n in before) and all(
+        torch.equal(after[n]["exp_avg"], state[n]["exp_avg"]) for n in after
+    )
+    res.record(f"{kind}/no_master_keeps_own", ok and after.keys() == before.keys() == expect)
+
+
+def check_gathered(res: Results, kind: str, state, params, ref_params, ref) -> None:
     err = max(
         float(
             (state[n][k] - (ref_params[n].detach() if k == "param" else ref.state[ref_params[n]][k]))
@@ -130,33 +172,6 @@ def check_kind(res: Results, kind: str, group) -> None:
     res.record(
         f"{kind}/gathered_equals_full_adam", err <= 1e-6 and steps == {3.0}, max_abs=err, steps=sorted(steps)
     )
-
-    # A fresh optimizer (random masters, no moments) loaded from the state continues identically.
-    params_b = make_params()
-    with torch.no_grad():
-        for n in params:
-            params_b[n].copy_(params[n])
-    opt_b = make(params_b)
-    load_megatron_named_state([opt_b], params_b, state)
-    opt.step(grads(params, 3))
-    opt_b.step(grads(params_b, 3))
-    after_a, after_b = megatron_named_state([opt], params), megatron_named_state([opt_b], params_b)
-    diff = max(
-        float((after_a[n][k] - after_b[n][k]).abs().max()) for n in params for k in ("param", "exp_avg")
-    )
-    res.record(f"{kind}/resumed_step_identical", diff == 0.0, max_abs=diff)
-
-    # A state without fp32 masters (a CPU checkpoint) loads the moments and keeps the own masters.
-    pc = make_params()
-    opt_c = make(pc)
-    before = megatron_named_state([opt_c], pc)
-    no_master = {n: {k: v for k, v in st.items() if k != "param"} for n, st in state.items()}
-    load_megatron_named_state([opt_c], pc, no_master)
-    after = megatron_named_state([opt_c], pc)
-    ok = all(torch.equal(after[n]["param"], before[n]["param"]) for n in pc) and all(
-        torch.equal(after[n]["exp_avg"], state[n]["exp_avg"]) for n in pc
-    )
-    res.record(f"{kind}/no_master_keeps_own", ok)
 
 
 def main() -> None:
