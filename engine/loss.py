@@ -155,6 +155,16 @@ class LossConfig:
             raise bad("shared_prefix", self.shared_prefix, "True or False")
 
 
+def check_whole_groups(micro_batch_size: int, num_generations: int) -> None:
+    """``loss.shared_prefix`` packs whole groups into each micro-batch."""
+    if micro_batch_size % num_generations:
+        raise ValueError(
+            f"loss.shared_prefix=true packs whole groups into each micro-batch: "
+            f"rollout.micro_batch_size={micro_batch_size} must be a multiple of "
+            f"rollout.num_generations={num_generations}"
+        )
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """``Σ x·mask / Σ mask`` over ``dim`` (all elements when ``None``).
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.data import DataConfig
 from engine.evaluation import EvalConfig
-from engine.loss import LossConfig
+from engine.loss import LossConfig, check_whole_groups
 from engine.optimizer import OptimizerConfig
 from engine.rewards import RewardConfig
 from engine.vllm_generator import VLLMConfig
@@ -91,12 +91,8 @@ class TrainConfig:
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         ro = self.rollout
-        if self.loss.shared_prefix and ro.micro_batch_size % ro.num_generations:
-            raise ValueError(
-                f"loss.shared_prefix=true packs whole groups into each micro-batch: "
-                f"rollout.micro_batch_size={ro.micro_batch_size} must be a multiple of "
-                f"rollout.num_generations={ro.num_generations}"
-            )
+        if self.loss.shared_prefix:
+            check_whole_groups(ro.micro_batch_size, ro.num_generations)
         if self.loss.tis_cap and ro.temperature not in (0.0, 1.0) and not ro.scale_logprobs_by_temperature:
             raise ValueError(
                 "loss.tis_cap compares rollout and trainer logprobs: set "

@@ -17,6 +17,7 @@ over DP ranks (Megatron DDP averages grads).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from engine.data import PromptBatch, PromptSampler, load_tokenizer, prepare_prom
 from engine.generator import GenerationOutput, MegatronGenerator, SamplingConfig
 from engine.logger import MetricsLogger
 from engine.logprobs import token_entropy, token_logprobs
-from engine.loss import LossConfig, grpo_loss, masked_mean
+from engine.loss import LossConfig, check_whole_groups, grpo_loss, masked_mean
 from engine.optimizer import build_optimizer, build_scheduler
 from engine.phases import Phase, PhaseScheduler, TrainerOffload
 from engine.rewards import RewardScorer
@@ -118,28 +119,15 @@ def build_micro_batches(
 ) -> list[MicroBatch]:
     """Consecutive micro-batches of ``micro_batch_size`` completions (the last may be shorter); with
     ``shared_prefix`` each holds whole groups, packed by :func:`build_packed_micro_batch`."""
-    n = len(completions)
+    build = build_micro_batch
     if shared_prefix:
-        if micro_batch_size % num_generations:
-            raise ValueError(
-                f"loss.shared_prefix=true packs whole groups into each micro-batch: "
-                f"rollout.micro_batch_size={micro_batch_size} must be a multiple of "
-                f"rollout.num_generations={num_generations}"
-            )
-        return [
-            build_packed_micro_batch(
-                prompts[s : s + micro_batch_size], completions[s : s + micro_batch_size],
-                slice(s, s + micro_batch_size), pad_id, num_generations,
-            )
-            for s in range(0, n, micro_batch_size)
-        ]  # fmt: skip
+        check_whole_groups(micro_batch_size, num_generations)
+        build = functools.partial(build_packed_micro_batch, group_size=num_generations)
+    m = micro_batch_size
     return [
-        build_micro_batch(
-            prompts[s : s + micro_batch_size], completions[s : s + micro_batch_size],
-            slice(s, s + micro_batch_size), pad_id,
-        )
-        for s in range(0, n, micro_batch_size)
-    ]  # fmt: skip
+        build(prompts[s : s + m], completions[s : s + m], slice(s, s + m), pad_id)
+        for s in range(0, len(completions), m)
+    ]
 
 
 def shared_prefix_layout(P: int, G: int, C: int) -> tuple[torch.Tensor, ...]:

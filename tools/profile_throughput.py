@@ -188,30 +188,15 @@ class Runner:
 
     def _fixed_rollout(self):
         """train mode: one rollout, micro-batches and advantages built once and reused every step."""
-        from engine.trainer import build_micro_batch
+        from engine.trainer import GRPOTrainer, build_micro_batches
 
         batch, out = self.rollout(0)
-        n, mbs_size = len(out.completion_ids), self.ro.micro_batch_size
-        tok = self.t.tokenizer
-        pad_id = getattr(self.t, "pad_id", None)
-        if pad_id is None:
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        mbs = [
-            build_micro_batch(
-                batch.prompt_ids[s : s + mbs_size],
-                out.completion_ids[s : s + mbs_size],
-                slice(s, s + mbs_size),
-                pad_id,
-            )
-            for s in range(0, n, mbs_size)
-        ]
-        rollout_lp = []
-        for mb in mbs:
-            width = mb.completion_mask.shape[1]
-            lp = torch.zeros(mb.input_ids.shape[0], width)
-            for i, r in enumerate(out.logprobs[mb.rows]):
-                lp[i, : len(r)] = torch.tensor(r)
-            rollout_lp.append(lp)
+        n = len(out.completion_ids)
+        mbs = build_micro_batches(
+            batch.prompt_ids, out.completion_ids, self.ro.micro_batch_size, self.t.pad_id,
+            self.ro.num_generations, self.cfg.loss.shared_prefix,
+        )  # fmt: skip
+        rollout_lp = [GRPOTrainer._pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1]) for mb in mbs]
         adv = torch.randn(n, generator=torch.Generator().manual_seed(self.cfg.seed))
         tokens = float(sum(mb.attn.sum() for mb in mbs))
         self.fixed = (mbs, adv, rollout_lp, dp_sum(tokens), dp_sum(n))
