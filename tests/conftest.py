@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = REPO / "tests" / "workers"
+R1_TOKENIZER = REPO / "assets" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
 
 
 def torchrun(script: str, nproc: int, out_dir: Path, *args: str, timeout: int = 600) -> dict:

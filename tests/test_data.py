@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import R1_TOKENIZER
 
 from engine.data import (
     OPEN_RS_SYSTEM_PROMPT,
@@ -28,8 +29,6 @@ from engine.demo_task import (
     write_demo_dataset,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-R1_TOKENIZER = REPO / "assets" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
 BOS, PLUS, EQ = 1, 14, 15
 
 

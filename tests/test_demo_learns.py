@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[1]
 EXACT = "reward/engine.demo_task:demo_exact/mean"
 STEPS = 160
 THRESHOLD = 0.25  # mean exact-answer rate over the last 20 steps (chance ~0.06)

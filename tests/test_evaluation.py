@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import R1_TOKENIZER, REPO
 
 from engine.evaluation import (
     MATH_QUERY_TEMPLATE,
@@ -28,8 +29,6 @@ from engine.evaluation import (
     write_results,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-R1_TOKENIZER = REPO / "assets" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
 DEMO_TOKENIZER = REPO / "assets" / "demo" / "tokenizer"
 
 # Independent copy of open-rs src/open_r1/evaluate.py's template after .format() of the braces.

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from engine.flops import flops_per_token, matmul_params, measure_peak_flops, mfu
 from models.qwen.config import QwenConfig
 from models.qwen.memory import param_count
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/models/tiny-demo.json"
 REAL = REPO / "configs/models/deepseek-r1-distill-qwen-1.5b.json"
 

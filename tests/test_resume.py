@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from models.qwen.checkpoint import iter_mcore_hf_tensors, read_checkpoint_metadata
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 BASE = ["--config", "configs/demo_cpu.yaml", "logging.log_completions=0", "checkpoint.save_every=3"]
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check, per_layout
+from conftest import REPO, check, per_layout
 
 from engine.loss import LossConfig
 from engine.trainer import build_micro_batches, shared_prefix_layout
 from models.qwen.model import prefix_tree_attention_mask
 
-REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2)}
 CHECKS = [
     "rope/freqs_equal_get_emb",

