@@ -45,6 +45,8 @@ import yaml
 
 __all__ = [
     "BASE_KEY",
+    "build_section",
+    "check_literals",
     "ConfigError",
     "config_to_dict",
     "load_config",
@@ -464,6 +466,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return _build(cls, tree, "", origins)
 
 
+def build_section(cls: type[T], data: Mapping[str, Any], key: str, source: str) -> T:
+    """Build one section from plain data with :func:`load_config`'s checks (unknown keys with the
+    closest valid one, types, ``Literal`` sets), for a ``dict`` field whose schema is chosen at run
+    time (``rewards.params.<name>``: each reward's parameter dataclass)."""
+    return _build(cls, data, key, {"": source})
+
+
 def load_config_from_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
     """``[--config PATH | -c PATH] [key=value ...]`` -> ``cls``. ``argv`` defaults to ``sys.argv[1:]``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -518,3 +527,14 @@ def save_config(cfg: Any, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def check_literals(cfg: Any, section: str) -> None:
+    """Validate every ``Literal[...]``-typed field of a config dataclass (call from ``__post_init__``), so
+    a directly constructed config is checked like a loaded one: ``section.field='x' is invalid; valid
+    options: [...]``."""
+    for name, tp in _field_types(type(cfg)).items():
+        options = get_args(tp) if get_origin(tp) is Literal else ()
+        value = getattr(cfg, name)
+        if options and value not in options:
+            raise ValueError(f"{section}.{name}={value!r} is invalid; valid options: {list(options)}")

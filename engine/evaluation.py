@@ -52,8 +52,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # engine.generator imports Megatron (seconds): only when generating
-    from engine.generator import GenerationOutput, Generator, SamplingConfig
+if TYPE_CHECKING:  # engine.rollout generators import Megatron (seconds): only when generating
+    from engine.rollout.base import GenerationOutput, Generator, SamplingConfig
 
 __all__ = [
     "EVAL_DIR",
@@ -214,7 +214,7 @@ def tokenize_eval_prompts(tokenizer: Any, problems: Sequence[str]) -> tuple[list
 
 def default_sampling(max_new_tokens: int = 32768, seed: int = 0) -> SamplingConfig:
     """open-rs's eval sampling: T=0.6, top_p=0.95, no top-k."""
-    from engine.generator import SamplingConfig
+    from engine.rollout.base import SamplingConfig
 
     return SamplingConfig(temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=max_new_tokens, seed=seed)
 
@@ -674,7 +674,7 @@ class EvalConfig:
         return resolve_tasks(self.tasks) + [EvalTask.from_file(p) for p in self.task_files]
 
     def sampling(self) -> SamplingConfig:
-        from engine.generator import SamplingConfig
+        from engine.rollout.base import SamplingConfig
 
         return SamplingConfig(
             temperature=self.temperature,

@@ -58,111 +58,15 @@ every estimator, and the k3 value is further clamped to ``[-10, 10]``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-__all__ = [
-    "ADVANTAGE_BASELINES",
-    "KL_ESTIMATORS",
-    "LOSS_AGG_MODES",
-    "LossConfig",
-    "grpo_loss",
-    "kl_penalty",
-    "masked_mean",
-]
+from engine.train_config import LossConfig
+
+__all__ = ["KL_ESTIMATORS", "LossConfig", "grpo_loss", "kl_penalty", "masked_mean"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-ADVANTAGE_BASELINES = ("mean", "leave_one_out")
 K3_OUTPUT_CLAMP = 10.0
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass
-class LossConfig:
-    beta: float = 0.04  # KL coefficient against the frozen reference
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    kl_clamp: float | None = 20.0  # clamp log-ratio input; k3 output clamped to [-10, 10]
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    dual_clip_c: float | None = None  # e.g. 3.0: dual clip for A < 0 (verl clip_ratio_c)
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    norm_length: int | None = None  # constant for seq-mean-token-sum-norm; default T
-    tis_cap: float | None = None  # truncated IS: weight min(exp(old - rollout), cap)
-    scale_rewards: bool = True  # advantages: divide by group std (False = Dr.GRPO)
-    advantage_baseline: str = "mean"  # mean | leave_one_out
-    num_iterations: int = 1  # mu: policy updates per batch over stored old logprobs
-    # Training forward layout (Prefix Grouper): each group as ONE row [prompt | G completions] with
-    # a mask that keeps completions apart, so the prompt is forwarded once, not G times. Same loss
-    # and gradients; rollout.micro_batch_size must be a multiple of rollout.num_generations.
-    shared_prefix: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(field: str, value: object, valid: str) -> ValueError:
-            return ValueError(f"LossConfig.{field}={value!r} is invalid; valid options: {valid}")
-
-        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta < 0:
-            raise bad("beta", self.beta, "a finite number >= 0")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise bad("kl_estimator", self.kl_estimator, str(list(KL_ESTIMATORS)))
-        if self.kl_clamp is not None and (not _is_number(self.kl_clamp) or self.kl_clamp <= 0):
-            raise bad("kl_clamp", self.kl_clamp, "None or a number > 0")
-        if (
-            not _is_number(self.clip_eps_low)
-            or not math.isfinite(self.clip_eps_low)
-            or not 0 <= self.clip_eps_low < 1
-        ):
-            raise bad("clip_eps_low", self.clip_eps_low, "a number in [0, 1)")
-        if (
-            not _is_number(self.clip_eps_high)
-            or not math.isfinite(self.clip_eps_high)
-            or self.clip_eps_high < 0
-        ):
-            raise bad("clip_eps_high", self.clip_eps_high, "a finite number >= 0")
-        if self.dual_clip_c is not None and (not _is_number(self.dual_clip_c) or not self.dual_clip_c > 1):
-            raise bad("dual_clip_c", self.dual_clip_c, "None or a number > 1 (e.g. 3.0)")
-        if self.loss_agg not in LOSS_AGG_MODES:
-            raise bad("loss_agg", self.loss_agg, str(list(LOSS_AGG_MODES)))
-        if self.norm_length is not None and (
-            isinstance(self.norm_length, bool)
-            or not isinstance(self.norm_length, int)
-            or self.norm_length < 1
-        ):
-            raise bad("norm_length", self.norm_length, "None or an int >= 1")
-        if self.tis_cap is not None and (not _is_number(self.tis_cap) or not self.tis_cap > 0):
-            raise bad("tis_cap", self.tis_cap, "None or a number > 0 (e.g. 2.0)")
-        if not isinstance(self.scale_rewards, bool):
-            raise bad("scale_rewards", self.scale_rewards, "True or False")
-        if self.advantage_baseline not in ADVANTAGE_BASELINES:
-            raise bad(
-                "advantage_baseline",
-                self.advantage_baseline,
-                str(list(ADVANTAGE_BASELINES)),
-            )
-        if (
-            isinstance(self.num_iterations, bool)
-            or not isinstance(self.num_iterations, int)
-            or self.num_iterations < 1
-        ):
-            raise bad("num_iterations", self.num_iterations, "an int >= 1")
-        if not isinstance(self.shared_prefix, bool):
-            raise bad("shared_prefix", self.shared_prefix, "True or False")
-
-
-def check_whole_groups(micro_batch_size: int, num_generations: int) -> None:
-    """``loss.shared_prefix`` packs whole groups into each micro-batch."""
-    if micro_batch_size % num_generations:
-        raise ValueError(
-            f"loss.shared_prefix=true packs whole groups into each micro-batch: "
-            f"rollout.micro_batch_size={micro_batch_size} must be a multiple of "
-            f"rollout.num_generations={num_generations}"
-        )
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:

@@ -17,7 +17,6 @@ own ``state_dict()`` is not used: its distributed optimizer leaves the per-param
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,26 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 1e-6
-    min_lr_ratio: float = 0.1  # cosine floor = lr * min_lr_ratio
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True  # GPU only; ignored on CPU
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+from engine.train_config import OptimizerConfig
 
 
 def grad_norm(params: list[torch.nn.Parameter]) -> float:

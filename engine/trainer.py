@@ -17,30 +17,31 @@ over DP ranks (Megatron DDP averages grads).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from engine.advantages import group_advantages
+from engine.batching.logprobs import completion_logprobs, token_entropy
+from engine.batching.micro_batches import MicroBatch, build_micro_batches, pad_rows
 from engine.checkpointing import TrainCheckpointer
 from engine.data import PromptBatch, PromptSampler, load_tokenizer, prepare_prompts
-from engine.generator import GenerationOutput, MegatronGenerator, SamplingConfig
 from engine.logger import MetricsLogger
-from engine.logprobs import token_entropy, token_logprobs
-from engine.loss import LossConfig, check_whole_groups, grpo_loss, masked_mean
+from engine.loss import LossConfig, grpo_loss, masked_mean
 from engine.optimizer import build_optimizer, build_scheduler
 from engine.phases import Phase, PhaseScheduler, TrainerOffload
-from engine.rewards import RewardScorer
+from engine.rewards import RewardResult, RewardScorer
+from engine.rollout.base import GenerationOutput, SamplingConfig
+from engine.rollout.megatron_generator import MegatronGenerator
+from engine.seeds import step_seed
 from engine.train_config import TrainConfig
 from models.qwen.config import HF_DTYPE_NAMES, QwenConfig, parse_dtype
-from models.qwen.model import build_model, forward_logits, prefix_tree_attention_mask, unwrap
+from models.qwen.model import build_model
 from parallel.collectives import all_gather_dp, all_reduce, all_reduce_dp, broadcast_object
 from parallel.ddp import wrap_ddp
 from parallel.distributed import dp_rank, dp_size, init_distributed, tp_rank
@@ -50,150 +51,24 @@ class TrainingError(RuntimeError):
     """A run-stopping problem (non-finite loss, stale rollout weights); the message says what and where."""
 
 
-@dataclass
-class MicroBatch:
-    """One forward's rows. Unpacked (``group_size == 0``): rows [left-padded prompt | right-padded
-    completion], completion tokens from column P. Packed (shared prefix, ``group_size == G``): one row
-    per group, [left-padded prompt (P) | completion 1 (C) | ... | completion G (C)], each completion
-    right-padded to C. ``completion_mask`` (and every logprob tensor) is [completions, C] in both."""
-
-    input_ids: torch.Tensor  # [b, S]
-    attn: torch.Tensor  # [b, S] True = real token
-    completion_mask: torch.Tensor  # [completions, C] True = token in the loss (up to and including EOS)
-    P: int
-    rows: slice  # completion rows of the step's batch
-    group_size: int = 0  # G when packed; 0 = one row per completion
-
-
-def build_micro_batch(
-    prompts: list[list[int]], completions: list[list[int]], rows: slice, pad_id: int
-) -> MicroBatch:
-    P = max(len(p) for p in prompts)
-    C = max(1, max(len(c) for c in completions))
-    ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids[i, P - len(p) : P] = torch.tensor(p)
-        ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-        attn[i, P - len(p) : P + len(c)] = True
-    return MicroBatch(ids, attn, attn[:, P:].clone(), P, rows)
-
-
-def build_packed_micro_batch(
-    prompts: list[list[int]], completions: list[list[int]], rows: slice, pad_id: int, group_size: int
-) -> MicroBatch:
-    """Shared-prefix packing: each run of ``group_size`` rows (one prompt, G completions) -> one row.
-
-    P and C are the micro-batch's longest prompt and completion, as in :func:`build_micro_batch`, so
-    the completion mask, and with it the token-mean loss, is the unpacked one.
-    """
-    G = group_size
-    if len(prompts) % G:
-        raise ValueError(f"{len(prompts)} rows do not split into whole groups of {G} (shared prefix)")
-    P = max(len(p) for p in prompts)
-    C = max(1, max(len(c) for c in completions))
-    ids = torch.full((len(prompts) // G, P + G * C), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids, dtype=torch.bool)
-    cmask = torch.zeros(len(prompts), C, dtype=torch.bool)
-    for g in range(len(prompts) // G):
-        p = prompts[g * G]
-        if any(q != p for q in prompts[g * G : (g + 1) * G]):
-            raise ValueError(f"rows {g * G}..{(g + 1) * G - 1} are not one group (their prompts differ)")
-        ids[g, P - len(p) : P] = torch.tensor(p)
-        attn[g, P - len(p) : P] = True
-        for j, c in enumerate(completions[g * G : (g + 1) * G]):
-            lo = P + j * C
-            ids[g, lo : lo + len(c)] = torch.tensor(c, dtype=torch.long)
-            attn[g, lo : lo + len(c)] = True
-            cmask[g * G + j, : len(c)] = True
-    return MicroBatch(ids, attn, cmask, P, rows, group_size=G)
-
-
-def build_micro_batches(
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    micro_batch_size: int,
-    pad_id: int,
-    num_generations: int,
-    shared_prefix: bool = False,
-) -> list[MicroBatch]:
-    """Consecutive micro-batches of ``micro_batch_size`` completions (the last may be shorter); with
-    ``shared_prefix`` each holds whole groups, packed by :func:`build_packed_micro_batch`."""
-    build = build_micro_batch
-    if shared_prefix:
-        check_whole_groups(micro_batch_size, num_generations)
-        build = functools.partial(build_packed_micro_batch, group_size=num_generations)
-    m = micro_batch_size
-    return [
-        build(prompts[s : s + m], completions[s : s + m], slice(s, s + m), pad_id)
-        for s in range(0, len(completions), m)
-    ]
-
-
-def shared_prefix_layout(P: int, G: int, C: int) -> tuple[torch.Tensor, ...]:
-    """(RoPE positions [S], segments [S], logit columns [G, C], target columns [G, C]) of the packed
-    layout, S = P + G C.
-
-    Slot j (0-based) covers columns P + jC .. P + (j+1)C - 1 with positions P .. P+C-1, where the
-    unpacked row has them, so every attention score is the unpacked one. Completion token t of slot j
-    (column P + jC + t) is predicted by the logits at column P + jC + t - 1, token 0 of every slot by
-    the shared last prompt column P - 1.
-    """
-    t = torch.arange(C)
-    positions = torch.cat([torch.arange(P), (P + t).repeat(G)])
-    segments = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, G + 1).repeat_interleave(C)])
-    targets = P + torch.arange(G)[:, None] * C + t[None, :]
-    sources = targets - 1
-    sources[:, 0] = P - 1
-    return positions, segments, sources, targets
-
-
-def completion_logprobs(
-    model: torch.nn.Module, mb: MicroBatch, vocab_size: int, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each completion token [completions, C], its vocab-parallel logits [completions, C, V/TP])."""
-    device = next(model.parameters()).device
-    ids = mb.input_ids.to(device)
-    if not mb.group_size:
-        logits = forward_logits(model, ids, mb.attn.to(device))
-        logits = logits[:, mb.P - 1 : -1]  # position t predicts token t + 1
-        return token_logprobs(logits, ids[:, mb.P :], vocab_size, temperature).cpu(), logits
-    core = type(unwrap(model).decoder.layers[0].self_attention.core_attention)
-    if core is not DotProductAttention:
-        # Packed rows need the explicit mask applied; only the local spec is verified to (TE was not
-        # installable in CI or on the lent GPU), so refuse rather than risk slots seeing each other.
-        raise NotImplementedError(f"loss.shared_prefix needs the local attention spec, model has {core}")
-    G, C = mb.group_size, mb.completion_mask.shape[1]
-    positions, segments, sources, targets = shared_prefix_layout(mb.P, G, C)
-    mask = prefix_tree_attention_mask(mb.attn.to(device), segments)
-    logits = forward_logits(model, ids, attn_mask=mask, positions=positions)
-    logits = logits[:, sources.to(device)].flatten(0, 1)  # [groups * G, C, V/TP], unpacked row order
-    tokens = ids[:, targets.to(device)].flatten(0, 1)
-    return token_logprobs(logits, tokens, vocab_size, temperature).cpu(), logits
-
-
 def accumulate_policy_grads(
     model: torch.nn.Module,
     mbs: list[MicroBatch],
-    advantages: torch.Tensor,
-    ref_lp: list[torch.Tensor] | None,
-    old_lp: list[torch.Tensor] | None,
-    rollout_lp: list[torch.Tensor] | None,
     loss_cfg: LossConfig,
     vocab_size: int,
     temperature: float = 1.0,
     check_finite=None,
     sampling_temperature: float | None = None,
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch; grads accumulate in DDP's buffers as the mean over
-    micro-batches of each micro-batch's GRPO loss. Returns the loss metrics averaged the same way."""
+    """Forward/backward every micro-batch (each carries its advantages and stored logprobs); grads
+    accumulate in DDP's buffers as the mean over micro-batches of each micro-batch's GRPO loss.
+    Returns the loss metrics averaged the same way."""
     sums: dict[str, float] = {}
     for i, mb in enumerate(mbs):
         lp, logits = completion_logprobs(model, mb, vocab_size, temperature)
         loss, m = grpo_loss(
-            lp, old_lp[i] if old_lp else None, ref_lp[i] if ref_lp else None,
-            advantages[mb.rows], mb.completion_mask, loss_cfg,
-            rollout_logprobs=rollout_lp[i] if (loss_cfg.tis_cap and rollout_lp) else None,
+            lp, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.completion_mask, loss_cfg,
+            rollout_logprobs=mb.rollout_logprobs if loss_cfg.tis_cap else None,
         )  # fmt: skip
         if check_finite is not None:
             check_finite(loss, i)
@@ -204,17 +79,39 @@ def accumulate_policy_grads(
                 "loss": loss.detach(),
                 "entropy": masked_mean(token_entropy(logits.detach(), vocab_size, temperature).cpu(), mask),
             }
-            if rollout_lp is not None and temperature == sampling_temperature:  # same distribution scored
-                extra["logp_diff"] = masked_mean((lp.detach() - rollout_lp[i]).abs(), mask)
+            if mb.rollout_logprobs is not None and temperature == sampling_temperature:  # same distribution
+                extra["logp_diff"] = masked_mean((lp.detach() - mb.rollout_logprobs).abs(), mask)
         for k, v in {**m, **extra}.items():
             sums[k] = sums.get(k, 0.0) + float(v) / len(mbs)
     return sums
 
 
+@dataclass
+class StepRecord:
+    """What one GRPO step carries from phase to phase (this DP rank's share of the global batch)."""
+
+    step: int
+    batch: PromptBatch  # prompts (G copies each, group-contiguous) and gold answers
+    rollout: GenerationOutput | None = None  # completions, generator logprobs, finished flags
+    texts: list[str] = field(default_factory=list)  # decoded completions
+    rewards: RewardResult | None = None  # this rank's rewards, per function and total
+    all_rewards: torch.Tensor | None = None  # [global completions] total rewards over DP
+    advantages: torch.Tensor | None = None  # [completions] this rank's slice
+    micro_batches: list[MicroBatch] = field(default_factory=list)  # each with its advantages/logprobs
+    loss_metrics: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+
+    @property
+    def completions(self) -> list[list[int]]:
+        return self.rollout.completion_ids
+
+
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.seed)
+        init_distributed(
+            cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed, cfg.parallel.timeout_minutes
+        )
         self.qcfg = QwenConfig.from_file(cfg.model.config or cfg.model.hf_checkpoint)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if len(self.tokenizer) > self.qcfg.vocab_size:
@@ -257,7 +154,7 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps * cfg.loss.num_iterations)
 
         if ro.backend == "vllm":
-            from engine.vllm_generator import VLLMGenerator
+            from engine.rollout.vllm_generator import VLLMGenerator
 
             # vLLM's own "auto" turns a float32 config into bf16 on CPU (measured: |dlogp| ~1e-3):
             # the engine must run in the trainer's dtype for its logprobs to match.
@@ -288,113 +185,124 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        cfg, ro = self.cfg, self.cfg.rollout
-        G = ro.num_generations
-        T = ro.temperature if ro.scale_logprobs_by_temperature else 1.0  # trainer's logprob temperature
+        """One GRPO step: the five phases below, in order, each inside the phase scheduler."""
         t_start = time.time()
-        batch: PromptBatch = next(self.sampler)
-
-        # 1. ROLLOUT: G completions per prompt from the generator (weights of version `weight_version`).
+        rec = StepRecord(step=self.step, batch=next(self.sampler))
         with self.phases.phase(Phase.ROLLOUT):
-            sampling = SamplingConfig(
-                ro.temperature, ro.top_p, ro.top_k, ro.max_completion_length, seed=cfg.seed * 7919 + self.step
-            )
-            out: GenerationOutput = self.generator.generate(batch.prompt_ids[::G], G, sampling)
-            if out.weight_version != self.weight_version:
-                raise TrainingError(
-                    f"step {self.step}: rollout used weight version {out.weight_version}, trainer is at "
-                    f"{self.weight_version} (stale generator weights)"
-                )
-            completions = out.completion_ids
-            n = len(completions)
-
-        # 2. REWARD: score on TP rank 0, broadcast to TP peers; group advantages over the global batch
-        #    (groups never straddle DP ranks; gathering gives exact global statistics).
+            self.rollout(rec)
         with self.phases.phase(Phase.REWARD):
-            texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-            lengths = [len(c) for c in completions]
-            scored = None
-            if self.scorer is not None:
-                res = self.scorer(texts, batch.answers, completion_lengths=lengths, group_size=G)
-                scored = (res.total, res.per_function, res.num_timeouts, res.num_errors)
-            scored = broadcast_object(scored, parallel_state.get_tensor_model_parallel_group())
-            rewards = torch.tensor(scored[0], dtype=torch.float32)
-            all_rewards = all_gather_dp(rewards)
-            all_adv = group_advantages(
-                all_rewards, G, scale_by_std=cfg.loss.scale_rewards, baseline=cfg.loss.advantage_baseline
-            )
-            advantages = all_adv[dp_rank() * n : (dp_rank() + 1) * n]
-
-        # 3. LOGPROBS: reference (frozen initial policy) and old (only when mu > 1: else ratio == 1).
+            self.score(rec)
         with self.phases.phase(Phase.LOGPROBS):
-            mbs = build_micro_batches(
-                batch.prompt_ids, completions, ro.micro_batch_size, self.pad_id, G, cfg.loss.shared_prefix
-            )
-            if ro.mask_truncated_completions:
-                for mb in mbs:
-                    mb.completion_mask &= torch.tensor(out.finished[mb.rows])[:, None]
-            V = self.qcfg.vocab_size
-            with torch.no_grad():
-                ref_lp = (
-                    [completion_logprobs(self.ref_model, mb, V, T)[0] for mb in mbs]
-                    if self.ref_model
-                    else None
-                )
-                old_lp = (
-                    [completion_logprobs(self.model, mb, V, T)[0] for mb in mbs]
-                    if cfg.loss.num_iterations > 1
-                    else None
-                )
-            rollout_lp = [self._pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1]) for mb in mbs]
-
-        # 4. TRAIN: mu optimizer steps over the batch; each = all micro-batches' grads, DP all-reduce,
-        #    clip, AdamW, LR schedule.
+            self.stored_logprobs(rec)
         with self.phases.phase(Phase.TRAIN):
-            sums: dict[str, float] = {}
-            for _ in range(cfg.loss.num_iterations):
-                self.model.zero_grad_buffer()
-                it = accumulate_policy_grads(
-                    self.model, mbs, advantages, ref_lp, old_lp, rollout_lp, cfg.loss, V, T,
-                    check_finite=self._check_finite, sampling_temperature=ro.temperature,
-                )  # fmt: skip
-                self.model.finish_grad_sync()
-                stepped, gnorm = self.optimizer.step()
-                if not stepped:
-                    raise TrainingError(f"step {self.step}: non-finite gradient norm ({gnorm}); stopping")
-                self.scheduler.step(increment=1)
-                for k, v in it.items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.loss.num_iterations
-
-        # 5. SYNC: the generator receives the new weights (version + 1) before the next rollout.
+            self.policy_update(rec)
         with self.phases.phase(Phase.SYNC):
             self.weight_version += 1
             self.phases.sync(self.model, self.weight_version)
-        t_end = time.time()
-
         self.step += 1
-        metrics = self._step_metrics(
-            batch, out, texts, scored, all_rewards, advantages, sums, gnorm, mbs, t_end - t_start
-        )
-        return metrics
+        return self._step_metrics(rec, time.time() - t_start)
 
-    def _step_metrics(
-        self, batch, out, texts, scored, all_rewards, advantages, sums, gnorm, mbs, step_s
-    ) -> dict[str, float]:
+    @property
+    def logprob_temperature(self) -> float:
+        ro = self.cfg.rollout
+        return ro.temperature if ro.scale_logprobs_by_temperature else 1.0
+
+    def sampling(self, step: int) -> SamplingConfig:
+        ro = self.cfg.rollout
+        return SamplingConfig(
+            ro.temperature, ro.top_p, ro.top_k, ro.max_completion_length, seed=step_seed(self.cfg.seed, step)
+        )
+
+    # 1. ROLLOUT: G completions per prompt from the generator (weights of version `weight_version`).
+    def rollout(self, rec: StepRecord) -> None:
+        G = self.cfg.rollout.num_generations
+        rec.rollout = self.generator.generate(rec.batch.prompt_ids[::G], G, self.sampling(rec.step))
+        if rec.rollout.weight_version != self.weight_version:
+            raise TrainingError(
+                f"step {rec.step}: rollout used weight version {rec.rollout.weight_version}, trainer is at "
+                f"{self.weight_version} (stale generator weights)"
+            )
+
+    # 2. REWARD: score on TP rank 0, broadcast to TP peers; group advantages over the global batch
+    #    (groups never straddle DP ranks; gathering gives exact global statistics).
+    def score(self, rec: StepRecord) -> None:
+        cfg, G = self.cfg, self.cfg.rollout.num_generations
+        completions = rec.completions
+        rec.texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        res = None
+        if self.scorer is not None:
+            res = self.scorer(
+                rec.texts, rec.batch.answers, completion_lengths=[len(c) for c in completions], group_size=G
+            )
+        rec.rewards = broadcast_object(res, parallel_state.get_tensor_model_parallel_group())
+        rec.all_rewards = all_gather_dp(torch.tensor(rec.rewards.total, dtype=torch.float32))
+        all_adv = group_advantages(
+            rec.all_rewards, G, scale_by_std=cfg.advantages.scale_rewards, baseline=cfg.advantages.baseline
+        )
+        n = len(completions)
+        rec.advantages = all_adv[dp_rank() * n : (dp_rank() + 1) * n]
+
+    # 3. LOGPROBS: micro-batches, then reference (frozen initial policy) and old (only when mu > 1:
+    #    else ratio == 1) log-probabilities, stored on each micro-batch with the generator's own.
+    def stored_logprobs(self, rec: StepRecord) -> None:
+        cfg, ro = self.cfg, self.cfg.rollout
+        out = rec.rollout
+        rec.micro_batches = mbs = build_micro_batches(
+            rec.batch.prompt_ids, out.completion_ids, cfg.batching.micro_batch_size, self.pad_id,
+            ro.num_generations, cfg.batching.shared_prefix,
+        )  # fmt: skip
+        V, T = self.qcfg.vocab_size, self.logprob_temperature
+        for mb in mbs:
+            if ro.mask_truncated_completions:
+                mb.completion_mask &= torch.tensor(out.finished[mb.rows])[:, None]
+            mb.advantages = rec.advantages[mb.rows]
+            mb.rollout_logprobs = pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1])
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    mb.ref_logprobs = completion_logprobs(self.ref_model, mb, V, T)[0]
+                if cfg.loss.num_iterations > 1:
+                    mb.old_logprobs = completion_logprobs(self.model, mb, V, T)[0]
+
+    # 4. TRAIN: mu optimizer steps over the batch; each = all micro-batches' grads, DP all-reduce,
+    #    clip, AdamW, LR schedule.
+    def policy_update(self, rec: StepRecord) -> None:
+        cfg = self.cfg
+        mu = cfg.loss.num_iterations
+        sums: dict[str, float] = {}
+        for _ in range(mu):
+            self.model.zero_grad_buffer()
+            it = accumulate_policy_grads(
+                self.model, rec.micro_batches, cfg.loss, self.qcfg.vocab_size, self.logprob_temperature,
+                check_finite=self._check_finite, sampling_temperature=cfg.rollout.temperature,
+            )  # fmt: skip
+            self.model.finish_grad_sync()
+            stepped, gnorm = self.optimizer.step()
+            if not stepped:
+                raise TrainingError(f"step {rec.step}: non-finite gradient norm ({gnorm}); stopping")
+            self.scheduler.step(increment=1)
+            for k, v in it.items():
+                sums[k] = sums.get(k, 0.0) + v / mu
+        rec.loss_metrics, rec.grad_norm = sums, gnorm
+
+    # 5. SYNC: in train_step (bump the weight version, hand the new weights to the generator).
+
+    def _step_metrics(self, rec: StepRecord, step_s: float) -> dict[str, float]:
         """Per-rank means averaged over DP (values are identical on the TP ranks of a replica)."""
+        out, sums, rewards = rec.rollout, rec.loss_metrics, rec.rewards
         n = len(out.completion_ids)
         lengths = [len(c) for c in out.completion_ids]
         gen_tokens = float(sum(lengths))
-        train_tokens = float(sum(mb.attn.sum() for mb in mbs))
+        train_tokens = float(sum(mb.attn.sum() for mb in rec.micro_batches))
         local = {
             **{f"loss/{k}": v for k, v in sums.items() if k not in ("entropy", "logp_diff")},
             "policy/entropy": sums["entropy"],
             **({"rollout/logp_diff_mean": sums["logp_diff"]} if "logp_diff" in sums else {}),
-            **{f"reward/{k}/mean": sum(v) / len(v) for k, v in scored[1].items()},
-            "advantages/abs_mean": float(advantages.abs().mean()),
+            **{f"reward/{k}/mean": sum(v) / len(v) for k, v in rewards.per_function.items()},
+            "advantages/abs_mean": float(rec.advantages.abs().mean()),
             "completion/length_mean": gen_tokens / n,
             "completion/truncated_frac": 1.0 - sum(out.finished) / n,
-            "reward/timeouts": float(scored[2]),
-            "reward/errors": float(scored[3]),
+            "reward/timeouts": float(rewards.num_timeouts),
+            "reward/errors": float(rewards.num_errors),
         }
         metrics = self._dp_mean(local)
         if "rollout/logp_diff_mean" in metrics:
@@ -403,18 +311,19 @@ class GRPOTrainer:
             limit = self.cfg.rollout.max_logprob_diff
             if limit is not None and metrics["rollout/logp_diff_mean"] > limit:
                 raise TrainingError(
-                    f"step {self.step}: mean |logp_generator - logp_trainer| = "
+                    f"step {rec.step}: mean |logp_generator - logp_trainer| = "
                     f"{metrics['rollout/logp_diff_mean']:.3g} exceeds rollout.max_logprob_diff={limit} "
                     "(stale weights, a temperature/top-p mismatch or a mapping bug)"
                 )
         ph = self.phases.seconds
+        all_rewards = rec.all_rewards
         metrics.update(
             {
                 "reward/mean": float(all_rewards.mean()),
                 "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
                 "completion/length_max": self._dp_max(max(lengths)),
                 "optim/lr": float(self.optimizer.param_groups[0]["lr"]),
-                "optim/grad_norm": gnorm,
+                "optim/grad_norm": rec.grad_norm,
                 "perf/step_s": step_s,
                 "perf/gen_tokens_per_s": self._dp_sum(gen_tokens) / max(ph["rollout"], 1e-9),
                 "perf/train_tokens_per_s": self._dp_sum(train_tokens) / max(ph["train"], 1e-9),
@@ -424,10 +333,10 @@ class GRPOTrainer:
             }
         )
         if self.cfg.logging.log_completions and self.logger.enabled:
-            rewards = scored[0]
+            b = rec.batch
             for j in range(min(self.cfg.logging.log_completions, n)):
                 self.logger.info(
-                    f"  [{batch.problems[j]!r} -> {texts[j]!r} | gold {batch.answers[j]!r} | r={rewards[j]:.2f}]"
+                    f"  [{b.problems[j]!r} -> {rec.texts[j]!r} | gold {b.answers[j]!r} | r={rewards.total[j]:.2f}]"
                 )
         return metrics
 
@@ -492,13 +401,6 @@ class GRPOTrainer:
                 f"step {self.step}: non-finite loss in micro-batch {micro} (rank {dist.get_rank()} saw "
                 f"{float(loss)}); stopping without saving, the last good checkpoint is kept"
             )
-
-    @staticmethod
-    def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
-        t = torch.zeros(len(rows), width)
-        for i, r in enumerate(rows):
-            t[i, : len(r)] = torch.tensor(r)
-        return t
 
     @staticmethod
     def _dp_mean(d: dict[str, float]) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Distributed setup, parallel state and collective helpers (Megatron-Core parallel_state underneath)."""
 
-from parallel.distributed import ParallelConfig, destroy_distributed, init_distributed
+from parallel.distributed import destroy_distributed, init_distributed
 
-__all__ = ["ParallelConfig", "init_distributed", "destroy_distributed"]
+__all__ = ["init_distributed", "destroy_distributed"]

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from parallel.cpu_compat import apply_cpu_compat, cpu_model_parallel_seed
-
-
-@dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1  # only 1 is supported by the engine for now
-    seed: int = 42
-    timeout_minutes: int = 30
-
-    def __post_init__(self) -> None:
-        if self.tensor_parallel < 1:
-            raise ValueError(f"parallel.tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        if self.pipeline_parallel != 1:
-            raise ValueError(f"parallel.pipeline_parallel={self.pipeline_parallel}: only 1 is supported")
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 42, timeout_minutes: int = 30) -> None:

@@ -1,4 +1,4 @@
-"""Tests for engine.data (prompts, checks, sampler) and engine.demo_task."""
+"""Tests for engine.data (prompts, checks, sampler) and tools.demo_task."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from engine.data import (
     prepare_prompts,
     render_prompt,
 )
-from engine.demo_task import (
+from tools.demo_task import (
     DEMO_ASSETS_DIR,
     DEMO_MAX_CONTEXT,
     DEMO_VOCAB,

@@ -13,7 +13,7 @@ import sys
 from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-EXACT = "reward/engine.demo_task:demo_exact/mean"
+EXACT = "reward/tools.demo_task:demo_exact/mean"
 STEPS = 160
 THRESHOLD = 0.25  # mean exact-answer rate over the last 20 steps (chance ~0.06)
 

@@ -166,7 +166,7 @@ class FakeGenerator:
         self.calls: list[tuple[int, int, int]] = []  # (prompts, n, seed)
 
     def generate(self, prompt_ids, n, sampling):
-        from engine.generator import GenerationOutput
+        from engine.rollout.base import GenerationOutput
 
         self.calls.append((len(prompt_ids), n, sampling.seed))
         ids, fin = [], []
@@ -199,7 +199,7 @@ def fake_task(tmp_path: Path):
 
 
 def test_pass1_first_sample_and_avg_k(fake_task, tmp_path: Path):
-    from engine.generator import SamplingConfig
+    from engine.rollout.base import SamplingConfig
 
     task, gen = fake_task
     tok = CharTokenizer()

@@ -72,7 +72,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float:
 
 @torch.no_grad()
 def test_bf16_and_fp32_logits_vs_hf(dist1):
-    from engine.logprobs import gather_vocab
+    from engine.batching.logprobs import gather_vocab
     from models.qwen.model import forward_logits
 
     hf32 = _hf(torch.float32)

@@ -15,6 +15,7 @@ import torch
 
 from engine.advantages import group_advantages
 from engine.loss import LossConfig, grpo_loss, masked_mean
+from engine.train_config import AdvantageConfig
 
 TOL = 1e-6
 
@@ -453,7 +454,8 @@ def test_config_defaults_are_trl_open_rs():
     cfg = LossConfig()
     assert (cfg.beta, cfg.kl_estimator, cfg.loss_agg) == (0.04, "k3", "token-mean")
     assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.num_iterations) == (0.2, 0.2, 1)
-    assert cfg.scale_rewards is True and cfg.advantage_baseline == "mean"
+    adv = AdvantageConfig()
+    assert adv.scale_rewards is True and adv.baseline == "mean"
 
 
 @pytest.mark.parametrize(
@@ -461,7 +463,6 @@ def test_config_defaults_are_trl_open_rs():
     [
         ("kl_estimator", "k4", "['k1', 'k2', 'k3']"),
         ("loss_agg", "seq-mean", "seq-mean-token-sum-norm"),
-        ("advantage_baseline", "median", "leave_one_out"),
         ("beta", -0.1, ">= 0"),
         ("kl_clamp", 0.0, "> 0"),
         ("clip_eps_low", 1.0, "[0, 1)"),
@@ -469,13 +470,22 @@ def test_config_defaults_are_trl_open_rs():
         ("dual_clip_c", 0.5, "> 1"),
         ("norm_length", 0, ">= 1"),
         ("tis_cap", 0.0, "> 0"),
-        ("scale_rewards", "yes", "True or False"),
         ("num_iterations", 0, ">= 1"),
     ],
 )
 def test_config_validation_messages(field, value, options):
     with pytest.raises(ValueError) as exc:
         LossConfig(**{field: value})
+    msg = str(exc.value)
+    assert field in msg and repr(value) in msg and options in msg
+
+
+@pytest.mark.parametrize(
+    "field, value, options", [("baseline", "median", "leave_one_out"), ("scale_rewards", "yes", "True or False")]
+)
+def test_advantage_config_validation_messages(field, value, options):
+    with pytest.raises(ValueError) as exc:
+        AdvantageConfig(**{field: value})
     msg = str(exc.value)
     assert field in msg and repr(value) in msg and options in msg
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import REPO, check, per_layout
 
-from engine.loss import LossConfig
-from engine.trainer import build_micro_batches, shared_prefix_layout
+from engine.batching.micro_batches import build_micro_batches, shared_prefix_layout
+from engine.train_config import BatchingConfig
 from models.qwen.model import prefix_tree_attention_mask
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2)}
@@ -51,8 +51,8 @@ def test_micro_batch_must_hold_whole_groups():
     with pytest.raises(ValueError) as exc:
         build_micro_batches(prompts, comps, 6, 0, 4, shared_prefix=True)
     msg = str(exc.value)
-    assert "loss.shared_prefix=true" in msg
-    assert "rollout.micro_batch_size=6" in msg and "rollout.num_generations=4" in msg
+    assert "batching.shared_prefix=true" in msg
+    assert "batching.micro_batch_size=6" in msg and "rollout.num_generations=4" in msg
     assert len(build_micro_batches(prompts, comps, 6, 0, 4)) == 2  # unpacked: any size is fine
     assert [mb.rows for mb in build_micro_batches(prompts, comps, 8, 0, 4, shared_prefix=True)] == [
         slice(0, 8)
@@ -65,10 +65,10 @@ def test_a_group_must_share_its_prompt():
         build_micro_batches(prompts, [[3]] * 4, 4, 0, 4, shared_prefix=True)
 
 
-def test_loss_config_shared_prefix():
-    assert LossConfig().shared_prefix is False
-    with pytest.raises(ValueError, match=r"LossConfig\.shared_prefix='yes' is invalid.*True or False"):
-        LossConfig(shared_prefix="yes")
+def test_batching_config_shared_prefix():
+    assert BatchingConfig().shared_prefix is False
+    with pytest.raises(ValueError, match=r"batching\.shared_prefix='yes' is invalid.*True or False"):
+        BatchingConfig(shared_prefix="yes")
 
 
 def test_packed_layout():
@@ -111,9 +111,9 @@ def test_option_reaches_the_config_loader(tmp_path):
     from engine.train_config import TrainConfig
 
     cfg = load_config(
-        TrainConfig, REPO / "configs/demo_cpu.yaml", ["loss.shared_prefix=true", f"logging.dir={tmp_path}"]
+        TrainConfig, REPO / "configs/demo_cpu.yaml", ["batching.shared_prefix=true", f"logging.dir={tmp_path}"]
     )
-    assert cfg.loss.shared_prefix is True
+    assert cfg.batching.shared_prefix is True
 
 
 def _trainer_cfg(tmp_path: Path, *overrides: str):
@@ -127,7 +127,7 @@ def _trainer_cfg(tmp_path: Path, *overrides: str):
     base = [
         "parallel.tensor_parallel=1", f"model.config={mc}", f"logging.dir={tmp_path / 'run'}",
         "logging.log_completions=0", "rollout.prompts_per_step=4", "rollout.num_generations=4",
-        "rollout.micro_batch_size=8", "rollout.max_completion_length=6", "rollout.mask_truncated_completions=true",
+        "batching.micro_batch_size=8", "rollout.max_completion_length=6", "rollout.mask_truncated_completions=true",
         "loss.beta=0.04", "max_steps=2",
     ]  # fmt: skip
     return load_config(TrainConfig, REPO / "configs/demo_cpu.yaml", [*base, *overrides])
@@ -141,7 +141,7 @@ def test_train_step_packed_equals_unpacked(tmp_path):
     metrics = {}
     for shared in (False, True):
         trainer = GRPOTrainer(
-            _trainer_cfg(tmp_path / str(shared), f"loss.shared_prefix={str(shared).lower()}")
+            _trainer_cfg(tmp_path / str(shared), f"batching.shared_prefix={str(shared).lower()}")
         )
         try:
             metrics[shared] = [trainer.train_step(), trainer.train_step()]  # step 2: a live KL
@@ -165,6 +165,6 @@ def test_train_step_packed_equals_unpacked(tmp_path):
 def test_config_rejects_split_groups_at_load(tmp_path):
     # Fails when the config loads, before any model memory is spent or a rollout is run.
     with pytest.raises(
-        ValueError, match=r"rollout\.micro_batch_size=6 must be a multiple of rollout\.num_generations=4"
+        ValueError, match=r"batching\.micro_batch_size=6 must be a multiple of rollout\.num_generations=4"
     ):
-        _trainer_cfg(tmp_path, "loss.shared_prefix=true", "rollout.micro_batch_size=6")
+        _trainer_cfg(tmp_path, "batching.shared_prefix=true", "batching.micro_batch_size=6")

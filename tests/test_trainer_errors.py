@@ -28,7 +28,7 @@ def make_cfg(tmp_path: Path, *overrides: str, model: dict | None = None) -> Trai
         "logging.log_completions=0",
         "rollout.prompts_per_step=4",
         "rollout.num_generations=4",
-        "rollout.micro_batch_size=8",
+        "batching.micro_batch_size=8",
         "max_steps=3",
     ]
     return load_config(TrainConfig, REPO / "configs/demo_cpu.yaml", [*base, *overrides])

@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.generator import MegatronGenerator, SamplingConfig  # noqa: E402
+from engine.rollout.base import SamplingConfig
+from engine.rollout.megatron_generator import MegatronGenerator  # noqa: E402
 from models.qwen.config import QwenConfig  # noqa: E402
 from models.qwen.hf_mapping import state_dict_reader  # noqa: E402
 from models.qwen.model import build_model, load_hf_weights  # noqa: E402

@@ -15,7 +15,7 @@ Both sides get: the same Qwen2 architecture (random init, fp32), the demo task's
 and rewards (exact 1.0 + closeness 0.5), ``prompts x G`` completions per optimizer step, the same
 maximum completion length, temperature 1, top-p 1, the same beta and LR (1e-6 by default), one optimizer step per
 generation (TRL: ``per_device_train_batch_size = micro-batch``, ``gradient_accumulation_steps =
-prompts * G / micro-batch``; ours: ``rollout.micro_batch_size = micro-batch / DP``), token-mean loss
+prompts * G / micro-batch``; ours: ``batching.micro_batch_size = micro-batch / DP``), token-mean loss
 per micro-batch (TRL ``loss_type="bnpo"``), AdamW, constant LR, grad clip 1.0.
 
 Step time: wall seconds between consecutive optimizer steps (TRL: ``on_step_end`` callbacks; ours:
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="config override for our runs only, after the benchmark's own (repeatable), "
-        "e.g. loss.shared_prefix=true",
+        "e.g. batching.shared_prefix=true",
     )
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)  # worker result file
@@ -119,7 +119,7 @@ def trl_worker(args) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(REPO))
-    from engine.demo_task import demo_closeness, demo_exact
+    from tools.demo_task import demo_closeness, demo_exact
 
     torch.manual_seed(args.seed)
     tok = PreTrainedTokenizerFast.from_pretrained(str(DEMO_TOKENIZER))
@@ -231,7 +231,7 @@ def ours_worker(args) -> None:
             f"parallel.tensor_parallel={args.tp}",
             f"rollout.num_generations={args.generations}",
             f"rollout.prompts_per_step={args.prompts}",
-            f"rollout.micro_batch_size={max(1, args.micro_batch // dp)}",
+            f"batching.micro_batch_size={max(1, args.micro_batch // dp)}",
             f"rollout.max_completion_length={args.max_completion}",
             "rollout.temperature=1.0",
             "rollout.top_p=1.0",

@@ -1,4 +1,4 @@
-"""Weight-sync time and bytes, Megatron TP shards -> co-located vLLM engine (engine.vllm_generator).
+"""Weight-sync time and bytes, Megatron TP shards -> co-located vLLM engine (engine.rollout.vllm_generator).
 
     torchrun --standalone --nproc_per_node 2 tools/bench_weight_sync.py --tp 2 [--out FILE]  (tables go to docs/benchmarks.md)
     torchrun ... tools/bench_weight_sync.py --tp 2 --config configs/models/deepseek-r1-distill-qwen-1.5b.json \\
@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.vllm_generator import HFWeightStream, VLLMConfig, VLLMGenerator  # noqa: E402
+from engine.rollout.vllm_generator import VLLMConfig, VLLMGenerator  # noqa: E402
+from engine.weight_sync import HFWeightStream  # noqa: E402
 from models.qwen.config import QwenConfig, parse_dtype  # noqa: E402
 from models.qwen.model import build_model  # noqa: E402
 from parallel.distributed import init_distributed  # noqa: E402

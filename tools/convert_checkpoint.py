@@ -66,7 +66,7 @@ def verify(hf_dir: str | Path, ckpt_dir: str | Path, *, dtype: torch.dtype = tor
     """Logits of the Megatron checkpoint (at the current TP size) vs HF transformers on ``hf_dir``."""
     from transformers import AutoModelForCausalLM
 
-    from engine.logprobs import gather_vocab
+    from engine.batching.logprobs import gather_vocab
     from models.qwen.checkpoint import (
         CheckpointError,
         checkpoint_config,

@@ -147,7 +147,7 @@ def build_megatron_generator(model_dir: str, kind: str, dtype_name: str, tokeniz
     """(MegatronGenerator, QwenConfig) over the loaded model (parallel state must be initialised)."""
     import torch
 
-    from engine.generator import MegatronGenerator
+    from engine.rollout.megatron_generator import MegatronGenerator
     from models.qwen.config import QwenConfig, parse_dtype
     from models.qwen.model import build_model, load_hf_weights
 
@@ -183,7 +183,7 @@ def _eos_pad(tokenizer: Any) -> tuple[list[int], int]:
 
 
 class VLLMEvalGenerator:
-    """The :class:`engine.generator.Generator` interface over an offline ``vllm.LLM`` (HF dir).
+    """The :class:`engine.rollout.base.Generator` interface over an offline ``vllm.LLM`` (HF dir).
 
     Token ids in, token ids out (``skip_tokenizer_init``: vLLM never loads the tokenizer, so the
     transformers 5 tokenizer issue cannot bite; EOS comes from ``stop_token_ids``). Per-token
@@ -214,7 +214,7 @@ class VLLMEvalGenerator:
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Any:
         from vllm import SamplingParams
 
-        from engine.generator import GenerationOutput
+        from engine.rollout.base import GenerationOutput
 
         params = [
             SamplingParams(
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace, kind: str, tok_dir: str, tasks: list[EvalTask]
         tokenize_eval_prompts,
         write_results,
     )
-    from engine.generator import SamplingConfig
+    from engine.rollout.base import SamplingConfig
 
     tokenizer = load_tokenizer(tok_dir)
     sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.seed)

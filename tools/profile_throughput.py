@@ -146,19 +146,11 @@ class Runner:
         self.step = 0
         self.fixed = None
 
-    def sampling(self, step: int):
-        from engine.generator import SamplingConfig
-
-        ro = self.ro
-        return SamplingConfig(
-            ro.temperature, ro.top_p, ro.top_k, ro.max_completion_length, seed=self.cfg.seed * 7919 + step
-        )
-
     def rollout(self, step: int):
         G = self.ro.num_generations
         batch = next(self.t.sampler)
         with torch.profiler.record_function("rollout"):
-            out = self.t.generator.generate(batch.prompt_ids[::G], G, self.sampling(step))
+            out = self.t.generator.generate(batch.prompt_ids[::G], G, self.t.sampling(step))
         return batch, out
 
     def __call__(self) -> dict[str, float]:
@@ -188,25 +180,28 @@ class Runner:
 
     def _fixed_rollout(self):
         """train mode: one rollout, micro-batches and advantages built once and reused every step."""
-        from engine.trainer import GRPOTrainer, build_micro_batches
+        from engine.batching.micro_batches import build_micro_batches, pad_rows
 
         batch, out = self.rollout(0)
         n = len(out.completion_ids)
         mbs = build_micro_batches(
-            batch.prompt_ids, out.completion_ids, self.ro.micro_batch_size, self.t.pad_id,
-            self.ro.num_generations, self.cfg.loss.shared_prefix,
+            batch.prompt_ids, out.completion_ids, self.cfg.batching.micro_batch_size, self.t.pad_id,
+            self.ro.num_generations, self.cfg.batching.shared_prefix,
         )  # fmt: skip
-        rollout_lp = [GRPOTrainer._pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1]) for mb in mbs]
         adv = torch.randn(n, generator=torch.Generator().manual_seed(self.cfg.seed))
+        for mb in mbs:
+            mb.advantages = adv[mb.rows]
+            mb.rollout_logprobs = pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1])
         tokens = float(sum(mb.attn.sum() for mb in mbs))
-        self.fixed = (mbs, adv, rollout_lp, dp_sum(tokens), dp_sum(n))
+        self.fixed = (mbs, dp_sum(tokens), dp_sum(n))
 
     def train_pass(self, step: int) -> dict[str, float]:
-        from engine.trainer import accumulate_policy_grads, completion_logprobs
+        from engine.batching.logprobs import completion_logprobs
+        from engine.trainer import accumulate_policy_grads
 
         if self.fixed is None:
             self._fixed_rollout()
-        mbs, adv, rollout_lp, tokens, rows = self.fixed
+        mbs, tokens, rows = self.fixed
         t, cfg = self.t, self.cfg
         T = self.ro.temperature if self.ro.scale_logprobs_by_temperature else 1.0
         vocab = t.qcfg.vocab_size
@@ -215,16 +210,11 @@ class Runner:
         barrier()
         t0 = time.perf_counter()
         with torch.profiler.record_function("logprobs"), torch.no_grad():
-            ref_lp = (
-                [completion_logprobs(ref_model, mb, vocab, T)[0] for mb in mbs]
-                if ref_model is not None and cfg.loss.beta > 0
-                else None
-            )
-            old_lp = (
-                [completion_logprobs(t.model, mb, vocab, T)[0] for mb in mbs]
-                if cfg.loss.num_iterations > 1
-                else None
-            )
+            for mb in mbs:
+                if ref_model is not None and cfg.loss.beta > 0:
+                    mb.ref_logprobs = completion_logprobs(ref_model, mb, vocab, T)[0]
+                if cfg.loss.num_iterations > 1:
+                    mb.old_logprobs = completion_logprobs(t.model, mb, vocab, T)[0]
         barrier()
         t1 = time.perf_counter()
         with torch.profiler.record_function("train"):
@@ -232,9 +222,8 @@ class Runner:
             for _ in range(cfg.loss.num_iterations):
                 t.model.zero_grad_buffer()
                 it = accumulate_policy_grads(
-                    t.model, mbs, adv, ref_lp, old_lp, rollout_lp, cfg.loss, vocab, T,
-                    sampling_temperature=self.ro.temperature,
-                )  # fmt: skip
+                    t.model, mbs, cfg.loss, vocab, T, sampling_temperature=self.ro.temperature
+                )
                 t.model.finish_grad_sync()
                 if optimizer is not None:
                     optimizer.step()
@@ -288,7 +277,7 @@ def summarise(
         "prompts_per_step": cfg.rollout.prompts_per_step,
         "num_generations": cfg.rollout.num_generations,
         "max_completion_length": cfg.rollout.max_completion_length,
-        "micro_batch_size": cfg.rollout.micro_batch_size,
+        "micro_batch_size": cfg.batching.micro_batch_size,
         "steps": n,
         "wall_s_per_step": wall / n,
         "wall_s_median": statistics.median(walls),

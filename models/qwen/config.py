@@ -166,7 +166,7 @@ class QwenConfig:
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocab rounded up to a multiple of 128 * TP (Megatron's rule). Padded rows never reach
-        sampling, losses or logprobs: see ``engine.logprobs`` which masks them."""
+        sampling, losses or logprobs: see ``engine.batching.logprobs`` which masks them."""
         multiple = VOCAB_PAD_MULTIPLE * tp
         return -(-self.vocab_size // multiple) * multiple
 

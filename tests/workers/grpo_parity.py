@@ -12,9 +12,12 @@ from __future__ import annotations
 import torch
 from common import Results, tiny_hf_model
 
-from engine.generator import MegatronGenerator, SamplingConfig
+from engine.batching.logprobs import completion_logprobs
+from engine.batching.micro_batches import build_micro_batch
 from engine.loss import LossConfig, grpo_loss
-from engine.trainer import accumulate_policy_grads, build_micro_batch, completion_logprobs
+from engine.rollout.base import SamplingConfig
+from engine.rollout.megatron_generator import MegatronGenerator
+from engine.trainer import accumulate_policy_grads
 from models.qwen.config import QwenConfig
 from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import build_model, gather_hf_state_dict, load_hf_weights
@@ -91,10 +94,10 @@ def check_grads(res: Results) -> None:
         build_micro_batch(rows[s : s + MB], comps[s : s + MB], slice(s - lo, s - lo + MB), PAD)
         for s in range(lo, lo + per, MB)
     ]
+    for mb, i in zip(lmbs, mine, strict=True):
+        mb.advantages, mb.ref_logprobs, mb.old_logprobs = adv[lo : lo + per][mb.rows], ref_lp[i], old_lp[i]
     ddp.zero_grad_buffer()
-    sums = accumulate_policy_grads(
-        ddp, lmbs, adv[lo : lo + per], [ref_lp[i] for i in mine], [old_lp[i] for i in mine], None, loss_cfg, V
-    )
+    sums = accumulate_policy_grads(ddp, lmbs, loss_cfg, V)
     ddp.finish_grad_sync()
     grads = gather_hf_state_dict(ddp, cfg, grads=True)
     worst, where = 0.0, ""

@@ -12,7 +12,7 @@ import os
 import torch
 from common import TINY_VARIANTS, Results, tiny_hf_model
 
-from engine.logprobs import gather_vocab, token_logprobs
+from engine.batching.logprobs import gather_vocab, token_logprobs
 from models.qwen.config import QwenConfig
 from models.qwen.hf_mapping import mcore_shard_shape, rules, state_dict_reader
 from models.qwen.model import build_model, forward_logits, gather_hf_state_dict, load_hf_weights

@@ -17,9 +17,10 @@ import torch
 from common import Results, tiny_hf_model
 
 import engine.trainer as trainer_mod
-from engine.logprobs import token_entropy
+from engine.batching.logprobs import completion_logprobs, token_entropy
+from engine.batching.micro_batches import build_micro_batches
 from engine.loss import LossConfig
-from engine.trainer import accumulate_policy_grads, build_micro_batches, completion_logprobs
+from engine.trainer import accumulate_policy_grads
 from models.qwen.config import QwenConfig
 from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import (
@@ -170,8 +171,10 @@ def check_grads(res: Results, hf, ref_model: torch.nn.Module, cfg: QwenConfig) -
                 + 0.3 * torch.randn(mb.completion_mask.shape, generator=noise)
                 for mb in mbs
             ]
+        for i, mb in enumerate(mbs):
+            mb.advantages, mb.ref_logprobs, mb.old_logprobs = adv[mb.rows], ref_lp[i], old_lp[i]
         ddp.zero_grad_buffer()
-        sums = accumulate_policy_grads(ddp, mbs, adv, ref_lp, old_lp, None, loss_cfg, V)
+        sums = accumulate_policy_grads(ddp, mbs, loss_cfg, V)
         ddp.finish_grad_sync()
         return sums, {k: v.clone() for k, v in gather_hf_state_dict(ddp, cfg, grads=True).items()}
 

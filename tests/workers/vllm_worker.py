@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 from common import Results, tiny_hf_model
 
-import engine.vllm_generator as vg
-from engine.generator import SamplingConfig
+import engine.rollout.vllm_generator as vg
+from engine.batching.logprobs import completion_logprobs
+from engine.batching.micro_batches import build_micro_batch
 from engine.phases import Phase, PhaseScheduler, TrainerOffload
-from engine.trainer import build_micro_batch, completion_logprobs
+from engine.rollout.base import SamplingConfig
+from engine.weight_sync import WeightSyncError
 from models.qwen.config import QwenConfig
 from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import build_model, load_hf_weights
@@ -241,7 +243,7 @@ def main() -> None:
 
         vg._engine_load_weights = bogus_on_rank1
         try:
-            msg = expect_raise(vg.WeightSyncError, gen.sync_weights, model, 2)
+            msg = expect_raise(WeightSyncError, gen.sync_weights, model, 2)
         finally:
             vg._engine_load_weights = real
         m_gen = expect_raise(vg.StaleWeightsError, gen.generate, PROMPTS, 1, sampled)

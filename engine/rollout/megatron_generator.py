@@ -1,7 +1,6 @@
-"""Rollout generators: the interface the GRPO loop talks to, and the built-in Megatron generator.
+"""The built-in rollout generator: the training model itself, decoding with a KV cache.
 
-``Generator.generate(prompt_ids, n, sampling) -> GenerationOutput`` is all the trainer needs, so a
-co-located vLLM engine plugs in beside the built-in one. The built-in generator drives the
+The built-in generator drives the
 training model itself through Megatron-Core's own KV-cache path (a ``StaticInferenceContext``
 passed to ``GPTModel.forward``; megatron.core.inference's engines hard-code CUDA, the model path
 does not). All TP ranks run in lock step: logits are gathered over TP and the sampled tokens are
@@ -10,83 +9,15 @@ broadcast from TP rank 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from engine.rollout.base import GenerationOutput, SamplingConfig
+from engine.rollout.sampling import sample_next
+from engine.seeds import derive_seed
 from models.qwen.model import attention_mask, unwrap
 from parallel.collectives import broadcast_tp
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-@dataclass
-class GenerationOutput:
-    """Completions for ``len(prompts) * n`` samples, grouped per prompt (prompt i -> [i*n, (i+1)*n))."""
-
-    completion_ids: list[list[int]]  # up to and including EOS when one was sampled
-    logprobs: list[list[float]]  # log p of each sampled token under the temperature-scaled model
-    finished: list[bool]  # False = truncated at max_new_tokens
-    weight_version: int
-    stats: dict[str, float] = field(default_factory=dict)
-
-
-class Generator(Protocol):
-    """What the GRPO loop needs from a rollout engine (built-in Megatron, or vLLM)."""
-
-    weight_version: int
-
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> GenerationOutput: ...
-
-    def sync_weights(self, model: torch.nn.Module, version: int) -> None: ...
-
-
-def sample_next(
-    logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of float32 ``logits`` [B, V]; returns (tokens, logprobs).
-
-    The logprob is taken under the temperature-scaled *full* distribution (before top-k/top-p
-    truncation), the quantity the trainer recomputes; greedy (T=0) reports the T=1 logprob.
-    """
-    t = sampling.temperature
-    scaled = logits / t if t > 0 else logits
-    logp_full = torch.log_softmax(scaled, dim=-1)
-    if t == 0:
-        tok = scaled.argmax(-1)
-        return tok, logp_full.gather(-1, tok[:, None])[:, 0]
-    filt = scaled.clone()
-    if sampling.top_k > 0 and sampling.top_k < filt.shape[-1]:
-        kth = filt.topk(sampling.top_k, dim=-1).values[:, -1:]
-        filt = filt.masked_fill(filt < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        srt, idx = filt.sort(dim=-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) > sampling.top_p  # keep the smallest prefix reaching top_p
-        filt = filt.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    probs = filt.softmax(-1)
-    tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
-    return tok, logp_full.gather(-1, tok[:, None])[:, 0]
 
 
 class MegatronGenerator:
@@ -136,7 +67,7 @@ class MegatronGenerator:
         # on the model's device: on a GPU, host-side sampling over a 152k vocab (torchrun runs one
         # thread per rank) cost ~0.3 s per token and dominated a 1.5B rollout (H200, measured).
         gen = torch.Generator(device=device).manual_seed(
-            sampling.seed * 1_000_003 + parallel_state.get_data_parallel_rank()
+            derive_seed(sampling.seed, parallel_state.get_data_parallel_rank())
         )
         ctx = StaticInferenceContext(B, S + N)
         tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=device)

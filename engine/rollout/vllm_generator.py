@@ -49,7 +49,7 @@ sleep/wake calls are logged no-ops: only the call sequence is exercised there.
 Logprobs: the engine runs with ``logprobs_mode="processed_logprobs"``: log p of the sampled token
 under the temperature-scaled distribution AFTER top-k/top-p, i.e. renormalised over the nucleus.
 With top_p = 1 and top_k = 0 (the open-rs recipe) that is exactly the trainer's convention (the
-full temperature-scaled distribution, ``engine.generator.sample_next``); with truncation it is
+full temperature-scaled distribution, ``engine.rollout.sampling.sample_next``); with truncation it is
 biased (trl #6789), so ``generate`` refuses top_p < 1 / top_k > 0 unless
 ``allow_renormalized_logprobs`` is set. Greedy (T=0) reports the T=1 logprob, as the built-in does.
 vLLM's default ``raw_logprobs`` would ignore the temperature (trl #4159).
@@ -71,18 +71,18 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from engine.generator import GenerationOutput, SamplingConfig
+from engine.rollout.base import GenerationOutput, SamplingConfig
+from engine.seeds import derive_seed
+from engine.train_config import VLLMConfig
+from engine.weight_sync import HFWeightStream, WeightSyncError
 from models.qwen.config import QwenConfig
-from models.qwen.hf_mapping import Rule, hf_shape, mcore_full_to_hf, merge_tp_shards, rules, to_local_name
-from models.qwen.model import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -92,54 +92,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class StaleWeightsError(RuntimeError):
     """A rollout was requested from weights other than the ones the trainer expects."""
-
-
-class WeightSyncError(RuntimeError):
-    """Loading new weights into the engine failed on some rank (the engine holds no valid weights)."""
-
-
-class LogprobMismatchError(RuntimeError):
-    """Rollout logprobs differ from the trainer's on the same tokens by more than the threshold."""
-
-
-@dataclass
-class VLLMConfig:
-    """Settings of the co-located vLLM engine (one per rank)."""
-
-    gpu_memory_utilization: float = 0.5  # fraction of the GPU vLLM may use (weights + KV cache)
-    kv_cache_memory_bytes: int | None = None  # explicit KV cache size; overrides the fraction
-    cpu_kv_cache_mb: int = 128  # CPU only: KV cache size (the fraction means host RAM there)
-    enable_sleep_mode: bool = True  # GPU: release memory between rollouts (forced off on CPU)
-    sleep_level: int = 2  # 1: weights offloaded to host; 2: weights dropped (always re-synced)
-    enforce_eager: bool = False  # GPU: False = CUDA graphs; CPU always runs eager
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    # engine dtype. The trainer turns "auto" into its own dtype (model.dtype): vLLM's "auto" would
-    # run a float32 config in bf16 on CPU. bfloat16 | float16 | float32 are passed as they are.
-    dtype: str = "auto"
-    bucket_mb: float = 512.0  # weight-sync bucket size (HF tensors in the engine dtype)
-    tensor_parallel_size: int = 1  # 1 (an engine per rank) or the Megatron TP size (GPU only)
-    seed: int = 0  # engine seed (per-request seeds come from SamplingConfig.seed)
-    max_num_seqs: int | None = None
-    enable_prefix_caching: bool = True
-    load_format: str = "dummy"  # initial weights: random (a sync always follows) or "auto" (from disk)
-    skip_tokenizer_init: bool = True  # ids in, ids out: no tokenizer needed
-    allow_renormalized_logprobs: bool = False  # accept top_p < 1 / top_k > 0 (nucleus-renormalised logprobs)
-    max_logprob_diff: float | None = None  # check_rollout_logprobs: max mean |vLLM - trainer| per token
-    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
-
-    def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if self.sleep_level not in (1, 2):
-            raise ValueError(f"vllm.sleep_level must be 1 or 2, got {self.sleep_level}")
-        if self.bucket_mb <= 0:
-            raise ValueError(f"vllm.bucket_mb must be > 0, got {self.bucket_mb}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"vllm.dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
 
 # ---- what differs between platforms / vLLM versions: only here ----------------------------------
@@ -206,161 +158,7 @@ def _engine_after_failed_load(llm: Any) -> None:
         log.warning("could not finish vLLM's interrupted layer-wise reload (%s: %s)", type(e).__name__, e)
 
 
-# ---- streaming the trainer's weights as HF tensors --------------------------------------------
-def _hf_bytes(cfg: QwenConfig, rule: Rule, itemsize: int) -> int:
-    n = 0
-    for name in rule.hf:
-        numel = 1
-        for d in hf_shape(cfg, name):
-            numel *= d
-        n += numel * itemsize
-    return n
-
-
-def plan_buckets(cfg: QwenConfig, bucket_bytes: int, itemsize: int) -> list[list[Rule]]:
-    """Group the mapping's rules, in model order, into buckets of at most ``bucket_bytes`` of HF
-    tensors (a rule larger than a bucket travels alone)."""
-    buckets: list[list[Rule]] = []
-    cur: list[Rule] = []
-    size = 0
-    for r in rules(cfg):
-        b = _hf_bytes(cfg, r, itemsize)
-        if cur and size + b > bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(r)
-        size += b
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-class HFWeightStream:
-    """Iterates the model's full HF (name, tensor) pairs, TP-gathered one bucket at a time.
-
-    Every TP rank of a replica must iterate its own stream in lock step (each bucket is one
-    all-gather over the TP group). Before each bucket, and once at the end, the ranks agree over TP
-    that nobody failed; a rank whose consumer failed calls :meth:`abort`, which makes the peers'
-    streams raise at their next agreement instead of hanging in a gather.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module, cfg: QwenConfig, bucket_bytes: int, dtype: torch.dtype
-    ) -> None:
-        self.cfg, self.dtype = cfg, dtype
-        self.params = {to_local_name(n): p for n, p in unwrap(model).named_parameters()}
-        self.buckets = plan_buckets(cfg, bucket_bytes, torch.tensor([], dtype=dtype).element_size())
-        self.group = parallel_state.get_tensor_model_parallel_group()
-        self.tp = dist.get_world_size(self.group)
-        self.device = next(iter(self.params.values())).device
-        self.bytes = 0  # HF bytes handed to the consumer
-        self.collectives = 0
-        self._state = "new"  # new | running | done | aborted
-        self._started = False  # the generator body has run (it owns the agreements from then on)
-        self._gen: Iterator[tuple[str, torch.Tensor]] | None = None
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        if self._state != "new":
-            raise RuntimeError("HFWeightStream can be iterated once")
-        self._state = "running"
-        self._gen = self._run()
-        return self._gen
-
-    def _agree(self, ok: bool) -> bool:
-        if self.tp == 1:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
-
-    def _run(self) -> Iterator[tuple[str, torch.Tensor]]:
-        self._started = True
-        try:
-            for bucket in self.buckets:
-                if not self._agree(True):
-                    self._state = "aborted"
-                    raise WeightSyncError(
-                        "weight sync aborted: a TP peer's engine failed to load its weights"
-                    )
-                for name, t in self._gather(bucket):
-                    self.bytes += t.numel() * t.element_size()
-                    yield name, t
-            if not self._agree(True):
-                self._state = "aborted"
-                raise WeightSyncError("weight sync aborted: a TP peer's engine failed to load its weights")
-            self._state = "done"
-        finally:
-            if self._state == "running":  # closed mid-stream by a failing consumer
-                self._state = "aborted"
-                self._agree(False)
-
-    def abort(self) -> None:
-        """Call when the consumer failed: lets the TP peers fail at their next agreement."""
-        if self._state in ("done", "aborted"):
-            return
-        if self._started and self._gen is not None:
-            self._gen.close()  # runs the generator's finally, which agrees on the failure
-            return
-        self._state = "aborted"  # never pulled from: agree here, as the peers' next agreement expects
-        self._agree(False)
-        if self._gen is not None:
-            self._gen.close()
-
-    def drain(self) -> bool:
-        """Finish a stream the consumer stopped reading early (keeps the peers in lock step).
-        Returns False if there was anything left, which means the engine skipped weights."""
-        if self._state == "new":
-            iter(self)
-        if self._state != "running" or self._gen is None:
-            return True
-        left = sum(1 for _ in self._gen)
-        return left == 0
-
-    @torch.no_grad()
-    def _gather(self, bucket: list[Rule]) -> list[tuple[str, torch.Tensor]]:
-        """One bucket: one all-gather of the TP-sharded parameters (flattened, in the engine dtype),
-        then merge + map to HF. Transient memory is about twice the bucket's HF size."""
-        sharded = [i for i, r in enumerate(bucket) if r.kind != "replicated" and self.tp > 1]
-        shards: dict[int, list[torch.Tensor]] = {
-            i: [self.params[r.mcore].detach().to(self.dtype)]
-            for i, r in enumerate(bucket)
-            if i not in sharded
-        }
-        if sharded:
-            shapes = [self.params[bucket[i].mcore].shape for i in sharded]
-            flat = torch.cat(
-                [self.params[bucket[i].mcore].detach().to(self.dtype).reshape(-1) for i in sharded]
-            )
-            out = [torch.empty_like(flat) for _ in range(self.tp)]
-            dist.all_gather(out, flat, group=self.group)
-            del flat
-            self.collectives += 1
-            for i in sharded:
-                shards[i] = []
-            for buf in out:
-                off = 0
-                for i, shape in zip(sharded, shapes, strict=True):
-                    n = shape.numel()
-                    shards[i].append(buf[off : off + n].view(shape))
-                    off += n
-        pairs: list[tuple[str, torch.Tensor]] = []
-        for i, r in enumerate(bucket):
-            full = merge_tp_shards(r, shards.pop(i))
-            pairs.extend(mcore_full_to_hf(self.cfg, r, full))
-        return pairs
-
-
 # ---- the generator -----------------------------------------------------------------------------
-def _mix64(*xs: int) -> int:
-    """SplitMix64 over a tuple of ints -> a 62-bit seed (room for vLLM's child seeds seed + j)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & ((1 << 62) - 1)
-
-
 def _split(n: int, parts: int) -> list[range]:
     """``range(n)`` in ``parts`` contiguous chunks whose sizes differ by at most one."""
     q, r = divmod(n, parts)
@@ -540,7 +338,7 @@ class VLLMGenerator:
         greedy = sampling.temperature == 0
         requests, params = [], []
         for i in mine:
-            seed = _mix64(sampling.seed, self.dp_rank, i)
+            seed = derive_seed(sampling.seed, self.dp_rank, i)
             # vLLM needs n=1 for greedy: n identical requests instead.
             for j in range(n if greedy else 1):
                 requests.append({"prompt_token_ids": list(prompt_ids[i])})
@@ -663,25 +461,3 @@ class VLLMGenerator:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def check_rollout_logprobs(
-    rollout_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: torch.Tensor, threshold: float | None
-) -> dict[str, float]:
-    """Compare the engine's sampling logprobs with the trainer's on the same tokens.
-
-    Returns ``{"rollout/logp_diff_mean", "rollout/logp_diff_max"}``; raises ``LogprobMismatchError``
-    when the mean absolute difference exceeds ``threshold`` (None: never raises). A large mean
-    means the engine and the trainer disagree on the weights or the distribution (stale weights,
-    temperature or top-p mismatch, a mapping bug) — not sampling noise.
-    """
-    m = mask.bool()
-    d = (rollout_lp.float() - trainer_lp.float()).abs()[m]
-    mean = float(d.mean()) if d.numel() else 0.0
-    mx = float(d.max()) if d.numel() else 0.0
-    if threshold is not None and mean > threshold:
-        raise LogprobMismatchError(
-            f"mean |logp_vllm - logp_trainer| = {mean:.3g} (max {mx:.3g}) over {d.numel()} tokens exceeds "
-            f"vllm.max_logprob_diff={threshold}"
-        )
-    return {"rollout/logp_diff_mean": mean, "rollout/logp_diff_max": mx}

@@ -17,7 +17,7 @@ A tiny random-init Qwen2 can learn it with GRPO from scratch in minutes on 2 CPU
 * :func:`demo_reward`: 1.0 for exactly the answer digit, 0.5 when the completion starts
   with it, else 0.0.
 * :func:`make_demo_assets` (re)creates the committed ``assets/demo/`` files
-  (``python -m engine.demo_task [out_dir]``).
+  (``python -m tools.demo_task [out_dir]``).
 """
 
 from __future__ import annotations
