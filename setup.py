@@ -21,7 +21,6 @@ setup(
         "sympy>=1.12",
         "tensorboard>=2.15",
         "pyyaml>=6.0",
-        "tqdm>=4.66",
         "psutil>=5.9",  # dist_checkpointing spawns a Manager that needs it
         "numpy",
     ],

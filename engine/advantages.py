@@ -20,6 +20,11 @@ Rewards are laid out group-contiguous: prompt ``i``'s ``G`` completions occupy
 
 A group whose rewards are all equal (including every group when ``G == 1``) gets
 an advantage of exactly ``0``: never ``NaN``, never float round-off noise.
+
+``valid`` (``rewards.on_failure=exclude``; TRL records a failed reward as NaN and uses
+nanmean/nanstd): a completion whose reward failed gets advantage ``0`` and is left out of its
+group's mean, std and leave-one-out baseline, so the others get exactly the advantages of a
+group of ``G_valid`` completions. A group with fewer than two valid completions gets ``0``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def group_advantages(
     scale_by_std: bool = True,
     baseline: Literal["mean", "leave_one_out"] = "mean",
     eps: float = 1e-4,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Per-completion advantages from group-contiguous rewards.
 
@@ -51,6 +57,8 @@ def group_advantages(
             ``False`` gives Dr. GRPO's mean-centred advantage.
         baseline: ``"mean"`` (GRPO) or ``"leave_one_out"`` (RLOO).
         eps: added to the std before dividing.
+        valid: optional ``[N]`` bool mask; ``False`` completions (a failed reward) get ``0`` and
+            do not count in their group's statistics. ``None`` or all ``True``: every completion.
 
     Returns:
         ``[N]`` advantages in the input's floating dtype (``float32`` for integer
@@ -72,10 +80,19 @@ def group_advantages(
         raise ValueError(f"baseline={baseline!r} is invalid; valid options: {list(BASELINES)}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != rewards.shape:
+            got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, Tensor) else type(valid).__name__
+            raise ValueError(f"valid must be a bool tensor of shape {tuple(rewards.shape)}, got {got}")
+        if bool(valid.all()):
+            valid = None  # the plain path: bit-identical to no mask
 
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     if n == 0:
         return torch.zeros(0, dtype=out_dtype, device=rewards.device)
+
+    if valid is not None:
+        return _masked_group_advantages(rewards, valid, group_size, scale_by_std, baseline, eps, out_dtype)
 
     r = rewards.detach().to(torch.float64).view(-1, group_size)  # [P, G]
     mean = r.mean(dim=1, keepdim=True)
@@ -95,4 +112,35 @@ def group_advantages(
     # Constant groups (and G == 1, whose torch std is NaN) give exactly zero.
     constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)) | (group_size == 1)
     adv = torch.where(constant, torch.zeros_like(adv), adv)
+    return adv.reshape(-1).to(out_dtype)
+
+
+def _masked_group_advantages(
+    rewards: Tensor,
+    valid: Tensor,
+    group_size: int,
+    scale_by_std: bool,
+    baseline: str,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """:func:`group_advantages` over each group's valid members only (others: exactly 0)."""
+    m = valid.to(rewards.device).view(-1, group_size)  # [P, G]
+    w = m.to(torch.float64)
+    r = torch.where(m, rewards.detach().to(torch.float64).view(-1, group_size), 0.0)
+    k = w.sum(dim=1, keepdim=True)  # valid members per group
+    total = r.sum(dim=1, keepdim=True)
+    mean = total / k.clamp(min=1.0)
+    if baseline == "mean":
+        adv = r - mean
+    else:
+        adv = r - (total - r) / (k - 1.0).clamp(min=1.0)
+    if scale_by_std:
+        var = (((r - mean) * w) ** 2).sum(dim=1, keepdim=True) / (k - 1.0).clamp(min=1.0)
+        adv = adv / (var.sqrt() + eps)
+    big = torch.finfo(torch.float64).max
+    hi = torch.where(m, r, -big).amax(dim=1, keepdim=True)
+    lo = torch.where(m, r, big).amin(dim=1, keepdim=True)
+    constant = (hi == lo) | (k < 2)
+    adv = torch.where(constant | ~m, torch.zeros_like(adv), adv)
     return adv.reshape(-1).to(out_dtype)

@@ -15,15 +15,19 @@ the same atomically renamed directory:
 
 ``<dir>/latest`` names the newest complete checkpoint; it is replaced (temp file + rename) only
 after the checkpoint directory itself is published, and old checkpoints are pruned after that. A
-process killed mid-save leaves ``latest`` and the previous checkpoint untouched.
+process killed mid-save leaves ``latest`` and the previous checkpoint untouched, plus its partial
+``step_<N>.tmp-<pid>`` (for the 1.5B with optimizer state, 10+ GB): on start and before each save,
+the partial writes of processes no longer alive on this host are removed, one log line each
+(``models.atomic_io.remove_stale_partials``; a live writer's, e.g. a concurrent save, is kept).
+``keep_last`` counts complete checkpoints only (``step_<N>`` holding its metadata file).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models.qwen.checkpoint import load_mcore_checkpoint, read_checkpoint_metadata, save_mcore_checkpoint
+from models.atomic_io import atomic_write, remove_stale_partials
+from models.qwen.checkpoint import (
+    METADATA_FILE,
+    load_mcore_checkpoint,
+    read_checkpoint_metadata,
+    save_mcore_checkpoint,
+)
 from models.qwen.hf_mapping import merge_tp_shards, rules, split_tp, to_local_name
 from models.qwen.model import unwrap
 from parallel.collectives import barrier
@@ -72,10 +82,22 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 
 class TrainCheckpointer:
-    def __init__(self, root: str | Path, keep_last: int, hf_assets_from: str | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int,
+        hf_assets_from: str | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.hf_assets_from = hf_assets_from
+        self.log = log
+
+    def remove_stale_partials(self) -> list[Path]:
+        """Main rank: delete the partial writes (``*.tmp-<pid>``) of writers no longer alive (the
+        trainer calls it on start; :meth:`save` before each save)."""
+        return remove_stale_partials(self.root, log=self.log) if is_main_rank() else []
 
     # ---- save ----------------------------------------------------------------------------------
     def save(self, trainer: GRPOTrainer) -> Path:
@@ -90,6 +112,7 @@ class TrainCheckpointer:
         }
 
         optim_state = self._optimizer_state(trainer)  # collective over DP (distributed optimizer)
+        self.remove_stale_partials()
 
         def write_state(tmp: Path) -> None:
             d = tmp / STATE_DIR
@@ -106,9 +129,7 @@ class TrainCheckpointer:
             hf_assets_from=self.hf_assets_from, write_extra=write_state,
         )  # fmt: skip
         if is_main_rank():
-            tmp = self.root / f"latest.tmp-{os.getpid()}"
-            tmp.write_text(out.name + "\n")
-            os.replace(tmp, self.root / "latest")
+            atomic_write(self.root / "latest", out.name + "\n")
             self._prune()
         barrier()
         return out
@@ -121,8 +142,18 @@ class TrainCheckpointer:
             "params": trainer.optimizer.named_state(_named_params(trainer.model)),
         }
 
+    def complete(self) -> list[Path]:
+        """The complete checkpoints, oldest first (a partial write is never ``step_<N>`` itself)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and STEP_DIR.fullmatch(p.name) and (p / METADATA_FILE).is_file()
+        )
+
     def _prune(self) -> None:
-        steps = sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+        steps = self.complete()
         for old in steps[: max(0, len(steps) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 

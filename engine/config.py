@@ -21,7 +21,8 @@ that PyYAML 1.1 leaves as strings), ``bool``, ``str``, ``pathlib.Path``, ``X | N
 ``Optional[X]`` / other unions (first matching member wins), ``list[X]``,
 ``tuple[X, ...]``, ``dict[str, X]``, ``Literal[...]``, nested dataclasses and ``Any``.
 An override value is parsed with ``yaml.safe_load``; for a ``str`` field an override
-whose YAML value is not a string (``data.split=2024``) keeps its raw text.
+whose YAML value is not a string (``data.split=2024``) keeps its raw text, except
+``null`` / ``~`` / ``Null``, which are ``None`` as in a YAML file (``model.config=null``).
 
 Every error is a :class:`ConfigError` (a ``ValueError``) that names the full dotted key
 and where the value came from (the file, or the override).
@@ -34,7 +35,6 @@ import difflib
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -271,8 +271,8 @@ def _apply_override(cls: type, tree: dict[str, Any], text: str, origins: dict[st
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: cannot parse the value {raw!r} as YAML: {exc}") from exc
-    if tp is str and not isinstance(value, str):
-        value = raw  # data.split=2024 -> "2024"
+    if tp is str and not isinstance(value, str) and value is not None:
+        value = raw  # data.split=2024 -> "2024"; but null / ~ stay None, as in a YAML file
     leaf = parts[-1]
     origins[key] = source
     if isinstance(value, Mapping):
@@ -470,7 +470,7 @@ def build_section(cls: type[T], data: Mapping[str, Any], key: str, source: str) 
     """Build one section from plain data with :func:`load_config`'s checks (unknown keys with the
     closest valid one, types, ``Literal`` sets), for a ``dict`` field whose schema is chosen at run
     time (``rewards.params.<name>``: each reward's parameter dataclass)."""
-    return _build(cls, data, key, {"": source})
+    return _build(cls, data, key, {"": source, key: source})
 
 
 def load_config_from_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
@@ -512,21 +512,10 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write ``cfg`` as YAML atomically (temp file in the same dir, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from models.atomic_io import atomic_write  # lazy: loading and printing a config stay torch-free
+
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, text)
 
 
 def check_literals(cfg: Any, section: str) -> None:

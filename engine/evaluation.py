@@ -1,7 +1,6 @@
 """Benchmark evaluation (AIME24, AMC23, MATH-500, Minerva, OlympiadBench) with any :class:`Generator`.
 
-Reproduces the open-rs evaluation setup (``src/open_r1/evaluate.py``: lighteval custom tasks; see
-``/work/shared/reference/open-rs-recipe.md`` section 1.6):
+Reproduces the open-rs evaluation setup (``src/open_r1/evaluate.py``: lighteval custom tasks):
 
 * zero-shot, **no system prompt**; the user turn is :data:`MATH_QUERY_TEMPLATE` (verbatim, two
   spaces after "clearly.") with the problem, rendered with the tokenizer's chat template
@@ -45,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -66,6 +64,7 @@ __all__ = [
     "build_prompt",
     "default_sampling",
     "evaluate",
+    "eval_progress_table",
     "format_summary_table",
     "load_problems",
     "resolve_tasks",
@@ -106,6 +105,7 @@ class EvalTask:
     problem_column: str = "problem"
     answer_column: str = "answer"
     id_column: str = "id"
+    query_template: str = MATH_QUERY_TEMPLATE  # the user turn; "{Question}" = the problem as it is
 
     def __post_init__(self) -> None:
         if self.gold_mode not in GOLD_MODES:
@@ -133,6 +133,10 @@ TASKS: dict[str, EvalTask] = {
     "math500": _builtin("math500", "math500.jsonl", "latex"),
     "minerva": _builtin("minerva", "minerva_math.jsonl", "latex"),
     "olympiadbench": _builtin("olympiadbench", "olympiadbench.jsonl", "latex"),
+    # The built-in CPU demo (tools/demo_task.py): "3+4=" -> "7", prompted as it is.
+    "demo_exact": EvalTask(
+        "demo_exact", str(EVAL_DIR.parent / "demo" / "test.jsonl"), "expr", query_template="{Question}"
+    ),
 }
 _ALIASES = {"math_500": "math500", "minerva_math": "minerva", "aime": "aime24", "amc": "amc23"}
 
@@ -196,16 +200,19 @@ def load_problems(task: EvalTask, limit: int | None = None) -> list[EvalProblem]
 # --------------------------------------------------------------------------------------------
 
 
-def build_prompt(tokenizer: Any, problem: str) -> str:
-    """Chat-templated prompt text: one user turn with :data:`MATH_QUERY_TEMPLATE`, no system prompt."""
+def build_prompt(tokenizer: Any, problem: str, template: str = MATH_QUERY_TEMPLATE) -> str:
+    """Chat-templated prompt text: one user turn with ``template`` (:data:`MATH_QUERY_TEMPLATE`), no
+    system prompt."""
     from engine.data import render_prompt
 
-    return render_prompt(tokenizer, MATH_QUERY_TEMPLATE.format(Question=problem), system_prompt=None)
+    return render_prompt(tokenizer, template.format(Question=problem), system_prompt=None)
 
 
-def tokenize_eval_prompts(tokenizer: Any, problems: Sequence[str]) -> tuple[list[str], list[list[int]]]:
+def tokenize_eval_prompts(
+    tokenizer: Any, problems: Sequence[str], template: str = MATH_QUERY_TEMPLATE
+) -> tuple[list[str], list[list[int]]]:
     """(prompt texts, prompt ids); ``add_special_tokens=False`` (the template carries the BOS)."""
-    texts = [build_prompt(tokenizer, p) for p in problems]
+    texts = [build_prompt(tokenizer, p, template) for p in problems]
     if not texts:
         return [], []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -216,7 +223,9 @@ def default_sampling(max_new_tokens: int = 32768, seed: int = 0) -> SamplingConf
     """open-rs's eval sampling: T=0.6, top_p=0.95, no top-k."""
     from engine.rollout.base import SamplingConfig
 
-    return SamplingConfig(temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=max_new_tokens, seed=seed)
+    return SamplingConfig(
+        temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=max_new_tokens, seed=seed, logprobs=False
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +234,7 @@ def default_sampling(max_new_tokens: int = 32768, seed: int = 0) -> SamplingConf
 
 
 def _mv_timeout(seconds: int) -> int | None:
-    from engine.rewards import _mv_timeout as rewards_timeout
+    from engine.rewards import mv_timeout as rewards_timeout
 
     return rewards_timeout(seconds)
 
@@ -439,7 +448,8 @@ def evaluate(
     """Generate ``k`` samples per problem for every task and score them. Collective (see module doc).
 
     ``tasks``: names (see :data:`TASKS`), a comma-separated string, or :class:`EvalTask` objects.
-    ``sampling`` defaults to :func:`default_sampling` (its ``seed`` is offset per task and batch).
+    ``sampling`` defaults to :func:`default_sampling` (its ``seed`` is offset per task and batch; its
+    ``logprobs`` is turned off: evaluation never needs them).
     ``batch_size``: sequences (prompts x k) per ``generate`` call on each DP rank; None = all at once
     (vLLM schedules them itself). ``max_context``: fail early when the longest prompt plus
     ``max_new_tokens`` exceeds it. ``keep_text=False`` drops prompt/completion texts from the
@@ -455,7 +465,8 @@ def evaluate(
         raise ValueError(f"scoring {scoring!r} not in {SCORING_MODES}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-    sampling = sampling or default_sampling()
+    # Scoring reads tokens only: no logprobs (the vLLM generator then accepts eval's top_p 0.95).
+    sampling = replace(sampling or default_sampling(), logprobs=False)
     if isinstance(tasks, str):
         task_list = resolve_tasks(tasks)
     else:
@@ -471,7 +482,7 @@ def evaluate(
     for t_idx, task in enumerate(task_list):
         problems = load_problems(task, limit)
         mine = problems[dp_rank::dp_size]
-        texts, ids = tokenize_eval_prompts(tokenizer, [p.problem for p in mine])
+        texts, ids = tokenize_eval_prompts(tokenizer, [p.problem for p in mine], task.query_template)
         if max_context is not None and ids:
             longest = max(len(x) for x in ids)
             if longest + sampling.max_new_tokens > max_context:
@@ -568,6 +579,18 @@ def tensorboard_metrics(result: EvalResult, prefix: str = "eval") -> dict[str, f
     return out
 
 
+def eval_progress_table(evals: dict[int, dict[str, float]]) -> str:
+    """First vs last evaluation of a run: ``eval/<task>/pass@1`` per task (and the mean over several
+    tasks), in %."""
+    first, last = min(evals), max(evals)
+    keys = [k for k in evals[last] if k in evals[first] and k.endswith("/pass@1")]
+    if len(keys) == 2:  # one task: its row and the identical mean row
+        keys = [k for k in keys if not k.startswith("eval/mean/")]
+    lines = [f"| eval | step {first} | step {last} |", "|---|---|---|"]
+    lines += [f"| {k} | {100 * evals[first][k]:.1f} | {100 * evals[last][k]:.1f} |" for k in keys]
+    return "\n".join(lines)
+
+
 def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: one row per task plus the mean; scores in %."""
     k = next(iter(summary.values()))["k"] if summary else 1
@@ -589,23 +612,13 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(
     result: EvalResult, out_dir: str | os.PathLike[str], meta: dict[str, Any] | None = None
 ) -> Path:
     """``<out>/<task>.jsonl`` (one record per problem), ``summary.json``, ``summary.md``; each file
     written to a temp file and renamed. Call on global rank 0 (the records live there)."""
+    from models.atomic_io import atomic_write as _atomic_write  # lazy: models/ imports torch
+
     out = Path(out_dir)
     for task, recs in result.records.items():
 
@@ -682,6 +695,7 @@ class EvalConfig:
             top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
+            logprobs=False,  # scoring needs tokens only: no logprobs, so any top_p / top_k is fine
         )
 
     def due(self, step: int) -> bool:

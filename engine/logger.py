@@ -10,25 +10,32 @@ from parallel.distributed import is_main_rank
 
 
 class MetricsLogger:
-    """Writes scalars to ``<dir>/tb`` and prints one line per step: reward, KL, tokens/s, ETA."""
+    """Writes scalars to ``<dir>/tb`` and prints one line per step: reward, KL, tokens/s, ETA.
+
+    The TensorBoard writer opens at the first logged step with ``purge_step`` = that step: a fresh run
+    in an old directory hides the old run's curves instead of drawing over them, and a resumed run
+    hides whatever the interrupted run logged past its checkpoint, so every curve is one run.
+    """
 
     def __init__(self, log_dir: str | Path, total_steps: int, enabled: bool | None = None) -> None:
         self.enabled = is_main_rank() if enabled is None else enabled
         self.total_steps = total_steps
         self.t0 = time.time()
+        self.log_dir = Path(log_dir)
         self.writer = None
-        if self.enabled:
+
+    def _writer(self, step: int):
+        if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(Path(log_dir) / "tb"))
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.log_dir / "tb"), purge_step=step)
+        return self.writer
 
     def log(self, step: int, metrics: dict[str, float], steps_done_this_run: int | None = None) -> None:
         if not self.enabled:
             return
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
-        self.writer.flush()
+        self.log_scalars(step, metrics)
         done = steps_done_this_run if steps_done_this_run is not None else step
         elapsed = time.time() - self.t0
         eta = elapsed / max(done, 1) * max(self.total_steps - step, 0)
@@ -43,9 +50,10 @@ class MetricsLogger:
     def log_scalars(self, step: int, metrics: dict[str, float]) -> None:
         """Scalars only, no progress line (e.g. an evaluation before the first step)."""
         if self.enabled:
+            writer = self._writer(step)
             for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+                writer.add_scalar(k, v, step)
+            writer.flush()
 
     def info(self, msg: str) -> None:
         if self.enabled:

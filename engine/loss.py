@@ -31,20 +31,37 @@ The loss minimised here is ``-J`` per token::
     pg_t   = max(-Â r_t, -Â clip(r_t, 1-ε_low, 1+ε_high))    # PPO pessimistic bound
     pg_t   = min(pg_t, -Â c)           if Â < 0 and dual_clip_c = c   (dual clip)
     pg_t   = w_t · pg_t,  w_t = min(exp(logp_old - logp_rollout), tis_cap)  (TIS, detached)
-    loss_t = pg_t + β · KL_t
+    loss_t = pg_t + β · KL_t · (r_t if kl_bias_correction else 1)
 
 then aggregated over valid tokens (``loss_agg``):
 
 * ``token-mean``: ``Σ_{b,t} loss_t m_t / Σ_{b,t} m_t`` over this micro-batch
   (TRL at the pinned commit and verl's default), or ``/ loss_scale_tokens`` when
   the trainer passes a global token count (across DP ranks and micro-batches);
+* ``token-mean-global`` (DAPO; TRL 1.16's default ``loss_type="dapo"``; verl
+  token-mean): one token count over the whole optimizer step's completions, across
+  micro-batches and DP ranks: the trainer passes it as ``loss_scale_tokens``
+  (``engine.batching.normalisation``); without it, this call is the whole step;
 * ``seq-mean-token-mean``: ``mean_b( Σ_t loss_t m_t / Σ_t m_t )`` (the paper's
   ``1/G Σ_i 1/|o_i| Σ_t``);
 * ``seq-mean-token-sum-norm``: ``mean_b( Σ_t loss_t m_t / L )`` with a constant
   ``L = norm_length`` (Dr. GRPO), by default the padded length ``T``.
 
-Sequence means run over the rows that have at least one valid token, so an all
-padding row contributes nothing and never produces ``NaN``.
+The sequence mean ``mean_b`` (``seq_mean_denominator``):
+
+* ``"nonempty"`` (default): over the rows that have at least one valid token. A row
+  with no loss token (padding, or a truncated completion masked out by
+  ``rollout.mask_truncated_completions``) is not in the mean: the objective is the
+  paper's ``1/G Σ_i`` over the completions that enter the loss, and the loss scale
+  does not shrink as more completions are masked. Never ``NaN``.
+* ``"all"``: over all ``B`` rows; a fully masked row counts as ``0`` (TRL 1.16
+  ``loss_type="grpo"`` and ``"dr_grpo"``, which divide by the batch size). Each kept
+  completion then weighs ``1/B`` whatever the others do (5 of 12 truncated: the
+  loss is 7/12 of ``"nonempty"``'s).
+
+``"nonempty"`` is the default because a masked completion is data the recipe
+chose not to learn from, not a zero-loss sample; ``"all"`` is there to reproduce
+TRL 1.16. Without masked rows the two agree.
 
 With ``num_iterations == 1`` and ``old_logprobs=None`` the ratio is
 ``exp(logp - logp.detach()) == 1``: the clip is inert and the gradient is the plain
@@ -53,7 +70,17 @@ policy gradient ``-Â ∇logp`` per token (TRL at ``num_iterations=1``).
 Clamping (``kl_clamp``, following verl ``low_var_kl`` / NeMo-RL
 ``kl_input_clamp_value``): ``log_r`` is clamped to ``[-kl_clamp, kl_clamp]`` for
 every estimator, and the k3 value is further clamped to ``[-10, 10]``.
-``kl_clamp=None`` disables both.
+``kl_clamp=None`` disables both (TRL: no clamp). A clamped token has zero KL
+gradient: k3 reaches 10 at ``log_r ≈ 2.61``, so the tokens the reference finds
+most likely relative to the policy stop being pulled back. The open-rs configs
+therefore set ``kl_clamp: null``.
+
+Bias-corrected KL (``kl_bias_correction``, TRL 1.16 ``use_bias_correction_kl``,
+DeepSeek-V3.2): ``KL_t`` is multiplied by the importance ratio ``r_t =
+exp(logp - logp_old)`` with its gradient. On-policy (``r_t = exp(logp -
+logp.detach())``) the value is unchanged and the gradient gains ``β KL_t ∇logp``,
+the score-function term of ``∇ E_{o~π_θ}[KL_t]`` that the plain estimate (samples
+treated as fixed) leaves out. The ``kl`` metric stays the uncorrected estimate.
 """
 
 from __future__ import annotations
@@ -165,9 +192,10 @@ def grpo_loss(
         raise ValueError(f"ref_logprobs is required when LossConfig.beta={cfg.beta} != 0")
     if cfg.tis_cap is not None and rollout_logprobs is None:
         raise ValueError(f"rollout_logprobs is required when LossConfig.tis_cap={cfg.tis_cap} is set")
-    if loss_scale_tokens is not None and cfg.loss_agg != "token-mean":
+    if loss_scale_tokens is not None and cfg.loss_agg not in ("token-mean", "token-mean-global"):
         raise ValueError(
-            f"loss_scale_tokens is only meaningful for loss_agg='token-mean', got loss_agg={cfg.loss_agg!r}"
+            "loss_scale_tokens is only meaningful for loss_agg='token-mean' or 'token-mean-global', "
+            f"got loss_agg={cfg.loss_agg!r}"
         )
 
     dt = torch.promote_types(logprobs.dtype, torch.float32)
@@ -207,16 +235,23 @@ def grpo_loss(
         kl = torch.where(keep, kl, zero)
     else:
         kl = None
-    per_token = pg + cfg.beta * kl if (kl is not None and cfg.beta != 0) else pg
+    if kl is not None and cfg.beta != 0:
+        kl_term = kl * ratio if cfg.kl_bias_correction else kl
+        per_token = pg + cfg.beta * kl_term
+    else:
+        per_token = pg
 
     def aggregate(x: Tensor) -> Tensor:
         x = torch.where(keep, x, zero) * m
-        if cfg.loss_agg == "token-mean":
+        if cfg.loss_agg in ("token-mean", "token-mean-global"):  # global: the caller passes the step's count
             if loss_scale_tokens is not None:
                 return x.sum() / loss_scale_tokens
             return x.sum() / m.sum().clamp(min=1.0)
         tokens = m.sum(dim=1)
-        nonempty = (tokens > 0).to(dt)
+        if cfg.seq_mean_denominator == "all":
+            nonempty = torch.ones_like(tokens)  # a fully masked row counts, as 0 (TRL 1.16)
+        else:
+            nonempty = (tokens > 0).to(dt)
         n_seq = nonempty.sum().clamp(min=1.0)
         if cfg.loss_agg == "seq-mean-token-mean":
             seq = x.sum(dim=1) / tokens.clamp(min=1.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from engine.config import check_literals
@@ -27,23 +28,49 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# The recipe's model: the architecture of a random init when neither model.config nor a checkpoint is given.
+DEFAULT_MODEL_CONFIG = str(
+    Path(__file__).resolve().parents[1] / "configs/models/deepseek-r1-distill-qwen-1.5b.json"
+)
+
+
 @dataclass
 class ModelConfig:
-    config: str = ""  # HF config.json (or a dir holding one): the architecture
+    """The architecture and the starting weights. With ``hf_checkpoint`` set, the checkpoint's own
+    ``config.json`` is the architecture; a ``config`` given beside it must describe the same network
+    (checked at start, ``engine.model_loading.resolve_model_config``). Without a checkpoint, ``config``
+    (default: DeepSeek-R1-Distill-Qwen-1.5B) is the architecture of a random init."""
+
+    config: str | None = None  # HF config.json (or a dir holding one); None = the checkpoint's / the default
     hf_checkpoint: str | None = None  # HF safetensors dir to start from; None = random init
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 needs a GPU to be fast
 
     def __post_init__(self) -> None:
         check_literals(self, "model")
-        if not self.config and not self.hf_checkpoint:
-            raise ValueError("model.config (an HF config.json) or model.hf_checkpoint must be set")
+        if self.config == "":
+            self.config = None
+
+    @property
+    def architecture_file(self) -> str:
+        """Where the architecture comes from: ``config``, else the checkpoint, else the default."""
+        return self.config or self.hf_checkpoint or DEFAULT_MODEL_CONFIG
 
 
 @dataclass
 class ParallelConfig:
+    """Layout over ranks, and how the policy's activations are kept (Megatron-Core's names; see
+    ``models.qwen.config.ActivationOptions``). The frozen reference model never recomputes."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1  # only 1 is supported by the engine for now
     timeout_minutes: int = 30  # torch.distributed collective timeout
+    sequence_parallel: bool = False  # shard norms/residuals over TP along the sequence (TP > 1)
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None  # full recompute only
+    recompute_num_layers: int | None = None  # full recompute only: layers per unit / first N layers
+    recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] = field(
+        default_factory=lambda: ["core_attn"]
+    )
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1:
@@ -52,6 +79,14 @@ class ParallelConfig:
             raise ValueError(f"parallel.pipeline_parallel={self.pipeline_parallel}: only 1 is supported")
         if self.timeout_minutes < 1:
             raise ValueError(f"parallel.timeout_minutes must be >= 1, got {self.timeout_minutes}")
+        check_literals(self, "parallel")
+        if self.recompute_granularity == "full" and (
+            self.recompute_method is None or not self.recompute_num_layers
+        ):
+            raise ValueError(
+                "parallel.recompute_granularity=full needs parallel.recompute_method (uniform | block) and "
+                f"parallel.recompute_num_layers >= 1, got {self.recompute_method!r} and {self.recompute_num_layers!r}"
+            )
 
 
 @dataclass
@@ -97,12 +132,41 @@ class BatchingConfig:
     # a mask that keeps completions apart, so the prompt is forwarded once, not G times. Same loss
     # and gradients; micro_batch_size must be a multiple of rollout.num_generations.
     shared_prefix: bool = False
+    # Whole sequences (prompt + completion) back to back in one row, no padding computed; positions
+    # restart per sequence, attention never crosses sequences. Same loss and gradients.
+    pack_sequences: bool = False
+    # Token budgets per physical micro-batch (prompt + completion tokens; need pack_sequences): the
+    # gradient pass and the no-grad reference/old logprob passes. None = one physical micro-batch per
+    # logical one. The loss stays defined on micro_batch_size completions (engine.batching.normalisation).
+    train_max_tokens: int | None = None
+    logprob_max_tokens: int | None = None
+    # LM-head rows scored at once: fp32 [chunk, V/TP] logits exist one chunk at a time, forward and backward.
+    logprob_chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
+        def bad(key: str, value: object, valid: str) -> ValueError:
+            return ValueError(f"batching.{key}={value!r} is invalid; valid options: {valid}")
+
         if self.micro_batch_size < 1:
             raise ValueError(f"batching.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if not isinstance(self.shared_prefix, bool):
-            raise ValueError(f"batching.shared_prefix={self.shared_prefix!r} is invalid; valid options: True or False")
+        for key in ("shared_prefix", "pack_sequences"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, getattr(self, key), "True or False")
+        for key in ("train_max_tokens", "logprob_max_tokens"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise bad(key, v, "None or an int >= 1 (tokens per micro-batch)")
+            if v is not None and not self.pack_sequences:
+                raise ValueError(
+                    f"batching.{key}={v} needs batching.pack_sequences=true (budgets pack sequences)"
+                )
+        c = self.logprob_chunk_tokens
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise bad("logprob_chunk_tokens", c, "an int >= 1 (e.g. 512)")
+        if self.pack_sequences and self.shared_prefix:
+            raise ValueError(
+                "batching.pack_sequences=true and batching.shared_prefix=true cannot be combined"
+            )
 
 
 @dataclass
@@ -126,12 +190,24 @@ class LossConfig:
 
     beta: float = 0.04  # KL coefficient against the frozen reference
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_clamp: float | None = 20.0  # clamp log-ratio input; k3 output clamped to [-10, 10]
+    # Clamp the log-ratio input to [-c, c] and k3's value to [-10, 10] (verl low_var_kl, NeMo-RL); None = off
+    # (TRL, the open-rs configs). A clamped token gets no KL gradient (k3 from log-ratio ~2.6 up).
+    kl_clamp: float | None = 20.0
+    # TRL 1.16 use_bias_correction_kl (DeepSeek-V3.2): KL_t x the importance ratio pi/pi_old (with grad);
+    # on-policy the value is unchanged and the gradient gains beta * KL_t * grad(logp).
+    kl_bias_correction: bool = False
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     dual_clip_c: float | None = None  # e.g. 3.0: dual clip for A < 0 (verl clip_ratio_c)
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    # token-mean: per logical micro-batch (batching.micro_batch_size); token-mean-global: over the step (DAPO)
+    loss_agg: Literal["token-mean", "token-mean-global", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
     norm_length: int | None = None  # constant for seq-mean-token-sum-norm; default T
+    # seq-mean-* divide by the rows with >= 1 loss token ("nonempty": a row masked out entirely, e.g. by
+    # rollout.mask_truncated_completions, is not in the mean) or by every row ("all": TRL 1.16's
+    # loss_type="grpo" / "dr_grpo", a masked row counts as 0).
+    seq_mean_denominator: Literal["nonempty", "all"] = "nonempty"
     tis_cap: float | None = None  # truncated IS: weight min(exp(old - rollout), cap)
     num_iterations: int = 1  # mu: policy updates per batch over stored old logprobs
 
@@ -144,6 +220,8 @@ class LossConfig:
             raise bad("beta", self.beta, "a finite number >= 0")
         if self.kl_clamp is not None and (not _is_number(self.kl_clamp) or self.kl_clamp <= 0):
             raise bad("kl_clamp", self.kl_clamp, "None or a number > 0")
+        if not isinstance(self.kl_bias_correction, bool):
+            raise bad("kl_bias_correction", self.kl_bias_correction, "True or False")
         low, high = self.clip_eps_low, self.clip_eps_high
         if not _is_number(low) or not math.isfinite(low) or not 0 <= low < 1:
             raise bad("clip_eps_low", low, "a number in [0, 1)")
@@ -236,9 +314,7 @@ class LoggingConfig:
 class TrainConfig:
     seed: int = 42  # model init, dropout and every sampling stream derive from it (engine.seeds)
     max_steps: int = 500
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(config="configs/models/deepseek-r1-distill-qwen-1.5b.json")
-    )
+    model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

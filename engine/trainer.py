@@ -18,21 +18,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from engine.advantages import group_advantages
-from engine.batching.logprobs import completion_logprobs, token_entropy
+from engine.batching.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs
 from engine.batching.micro_batches import MicroBatch, build_micro_batches, pad_rows
+from engine.batching.normalisation import assign_loss_slices, fit, row_indices
 from engine.checkpointing import TrainCheckpointer
 from engine.data import PromptBatch, PromptSampler, load_tokenizer, prepare_prompts
+from engine.evaluation import eval_progress_table
 from engine.logger import MetricsLogger
 from engine.loss import LossConfig, grpo_loss, masked_mean
+from engine.model_loading import activation_options, load_model, resolve_model_config
 from engine.optimizer import build_optimizer, build_scheduler
 from engine.phases import Phase, PhaseScheduler, TrainerOffload
 from engine.rewards import RewardResult, RewardScorer
@@ -40,7 +45,7 @@ from engine.rollout.base import GenerationOutput, SamplingConfig
 from engine.rollout.megatron_generator import MegatronGenerator
 from engine.seeds import step_seed
 from engine.train_config import TrainConfig
-from models.qwen.config import HF_DTYPE_NAMES, QwenConfig, parse_dtype
+from models.qwen.config import HF_DTYPE_NAMES, ActivationOptions, parse_dtype
 from models.qwen.model import build_model
 from parallel.collectives import all_gather_dp, all_reduce, all_reduce_dp, broadcast_object
 from parallel.ddp import wrap_ddp
@@ -59,30 +64,52 @@ def accumulate_policy_grads(
     temperature: float = 1.0,
     check_finite=None,
     sampling_temperature: float | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch (each carries its advantages and stored logprobs); grads
-    accumulate in DDP's buffers as the mean over micro-batches of each micro-batch's GRPO loss.
-    Returns the loss metrics averaged the same way."""
+    """Forward/backward every physical micro-batch (each carries its advantages and stored logprobs);
+    grads accumulate in DDP's buffers as the step's objective, defined on the logical micro-batches
+    that ``mb.loss_slices`` describe (``engine.batching.normalisation``; without them each micro-batch
+    is its own logical one: the mean over micro-batches of each one's GRPO loss). Returns the loss
+    metrics aggregated the same way. Every rank runs as many micro-batches (empty ones included), so
+    ``check_finite``'s collective stays in step."""
+    if any(mb.loss_slices is None for mb in mbs):
+        assign_loss_slices(mbs, loss_cfg.loss_agg, seq_mean_denominator=loss_cfg.seq_mean_denominator)
     sums: dict[str, float] = {}
+
+    def add(k: str, v, w: float) -> None:
+        sums[k] = sums.get(k, 0.0) + float(v) * w
+
     for i, mb in enumerate(mbs):
-        lp, logits = completion_logprobs(model, mb, vocab_size, temperature)
-        loss, m = grpo_loss(
-            lp, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.completion_mask, loss_cfg,
-            rollout_logprobs=mb.rollout_logprobs if loss_cfg.tis_cap else None,
-        )  # fmt: skip
+        if not mb.loss_slices:  # an empty micro-batch (token budgets balanced over DP): nothing to run
+            if check_finite is not None:
+                check_finite(torch.zeros(()), i)
+            continue
+        lp, ent = completion_logprobs(
+            model, mb, vocab_size, temperature, chunk_tokens=chunk_tokens, with_entropy=True
+        )
+        total = 0.0
+        same_dist = mb.rollout_logprobs is not None and temperature == sampling_temperature
+        for sl in mb.loss_slices:
+            rows, w, whole = sl.rows, sl.width, sl.whole
+            mask = fit(mb.completion_mask, rows, w, whole)
+            loss, m = grpo_loss(
+                fit(lp, rows, w, whole), fit(mb.old_logprobs, rows, w, whole),
+                fit(mb.ref_logprobs, rows, w, whole), fit(mb.advantages, rows, w, whole), mask, loss_cfg,
+                rollout_logprobs=fit(mb.rollout_logprobs, rows, w, whole) if loss_cfg.tis_cap else None,
+                loss_scale_tokens=sl.loss_scale_tokens,
+            )  # fmt: skip
+            total = total + loss * sl.loss_weight
+            with torch.no_grad():
+                add("loss", loss, sl.loss_weight)
+                for k, v in m.items():
+                    add(k, v, sl.loss_weight if k == "pg_loss" else sl.metric_weight)
+                add("entropy", masked_mean(fit(ent, rows, w, whole), mask), sl.metric_weight)
+                if same_dist:  # the generator sampled from the distribution scored here
+                    diff = (fit(lp, rows, w, whole).detach() - fit(mb.rollout_logprobs, rows, w, whole)).abs()
+                    add("logp_diff", masked_mean(diff, mask), sl.metric_weight)
         if check_finite is not None:
-            check_finite(loss, i)
-        (loss / len(mbs)).backward()
-        mask = mb.completion_mask
-        with torch.no_grad():
-            extra = {
-                "loss": loss.detach(),
-                "entropy": masked_mean(token_entropy(logits.detach(), vocab_size, temperature).cpu(), mask),
-            }
-            if mb.rollout_logprobs is not None and temperature == sampling_temperature:  # same distribution
-                extra["logp_diff"] = masked_mean((lp.detach() - mb.rollout_logprobs).abs(), mask)
-        for k, v in {**m, **extra}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / len(mbs)
+            check_finite(total.detach(), i)
+        total.backward()
     return sums
 
 
@@ -109,15 +136,14 @@ class StepRecord:
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        init_distributed(
-            cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed, cfg.parallel.timeout_minutes
-        )
-        self.qcfg = QwenConfig.from_file(cfg.model.config or cfg.model.hf_checkpoint)
+        par = cfg.parallel
+        init_distributed(par.tensor_parallel, par.pipeline_parallel, cfg.seed, par.timeout_minutes)
+        self.qcfg = resolve_model_config(cfg.model)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if len(self.tokenizer) > self.qcfg.vocab_size:
             raise ValueError(
                 f"tokenizer {cfg.data.tokenizer} has {len(self.tokenizer)} tokens but the model vocab "
-                f"({cfg.model.config or cfg.model.hf_checkpoint}) is {self.qcfg.vocab_size}"
+                f"({cfg.model.architecture_file}) is {self.qcfg.vocab_size}"
             )
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
@@ -135,13 +161,19 @@ class GRPOTrainer:
             dataset, ro.prompts_per_step, ro.num_generations, dp_rank(), dp_size(), seed=cfg.data.shuffle_seed
         )
 
+        activations = activation_options(cfg.parallel)
+        self.memory_plan = self._memory_plan(activations)  # stops here when a GPU cannot hold a micro-batch
         dtype = parse_dtype(cfg.model.dtype)
-        model = build_model(self.qcfg, dtype)
         if cfg.model.hf_checkpoint:
-            from models.qwen.checkpoint import SafetensorsReader
-            from models.qwen.model import load_hf_weights
-
-            load_hf_weights(model, self.qcfg, SafetensorsReader(cfg.model.hf_checkpoint))
+            model, _ = load_model(
+                cfg.model.hf_checkpoint,
+                dtype,
+                qcfg=self.qcfg,
+                perform_initialization=True,
+                activations=activations,
+            )
+        else:
+            model = build_model(self.qcfg, dtype, activations=activations)
         # The KL reference: a frozen copy of the initial policy (a second model: Megatron modules
         # hold process groups, which deepcopy cannot copy).
         self.ref_model = None
@@ -170,12 +202,15 @@ class GRPOTrainer:
         # Reward functions run once per DP replica (TP rank 0) and are broadcast to the TP peers.
         self.scorer = RewardScorer(cfg.rewards) if tp_rank() == 0 else None
         self.logger = MetricsLogger(cfg.logging.dir, cfg.max_steps)
+        self.logger.info("memory plan:\n" + self.memory_plan.format())
         self.step = 0
         self.checkpointer = TrainCheckpointer(
             cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints",
             cfg.checkpoint.keep_last,
             hf_assets_from=cfg.model.hf_checkpoint or cfg.data.tokenizer,
+            log=self.logger.info,
         )
+        self.checkpointer.remove_stale_partials()  # a killed run's step_N.tmp-PID (10+ GB each at 1.5B)
         resume = self._resume_path(cfg.checkpoint.resume)
         if resume is not None:
             self.checkpointer.load(self, resume)
@@ -236,32 +271,86 @@ class GRPOTrainer:
             )
         rec.rewards = broadcast_object(res, parallel_state.get_tensor_model_parallel_group())
         rec.all_rewards = all_gather_dp(torch.tensor(rec.rewards.total, dtype=torch.float32))
+        valid = None  # rewards.on_failure=exclude: a failed completion leaves its group's statistics
+        if cfg.rewards.on_failure == "exclude":
+            valid = all_gather_dp(torch.tensor([not f for f in rec.rewards.failed], dtype=torch.uint8)).bool()
         all_adv = group_advantages(
-            rec.all_rewards, G, scale_by_std=cfg.advantages.scale_rewards, baseline=cfg.advantages.baseline
-        )
+            rec.all_rewards, G, scale_by_std=cfg.advantages.scale_rewards, baseline=cfg.advantages.baseline,
+            valid=valid,
+        )  # fmt: skip
         n = len(completions)
         rec.advantages = all_adv[dp_rank() * n : (dp_rank() + 1) * n]
 
-    # 3. LOGPROBS: micro-batches, then reference (frozen initial policy) and old (only when mu > 1:
-    #    else ratio == 1) log-probabilities, stored on each micro-batch with the generator's own.
+    # 3. LOGPROBS: micro-batches (the training pass's, by batching.train_max_tokens), their loss
+    #    masks and normalisation, then reference (frozen initial policy) and old (only when mu > 1:
+    #    else ratio == 1) log-probabilities (passes of batching.logprob_max_tokens), stored on each
+    #    training micro-batch with the generator's own.
     def stored_logprobs(self, rec: StepRecord) -> None:
-        cfg, ro = self.cfg, self.cfg.rollout
+        cfg, ro, bc = self.cfg, self.cfg.rollout, self.cfg.batching
         out = rec.rollout
-        rec.micro_batches = mbs = build_micro_batches(
-            rec.batch.prompt_ids, out.completion_ids, cfg.batching.micro_batch_size, self.pad_id,
-            ro.num_generations, cfg.batching.shared_prefix,
-        )  # fmt: skip
-        V, T = self.qcfg.vocab_size, self.logprob_temperature
+        n = len(out.completion_ids)
+        rec.micro_batches = mbs = self._micro_batches(rec, bc.train_max_tokens, "batching.train_max_tokens")
+        keep = torch.ones(n, dtype=torch.bool)
+        if ro.mask_truncated_completions:
+            keep &= torch.tensor(out.finished, dtype=torch.bool)
+        if cfg.rewards.on_failure == "exclude":  # a failed reward: out of the loss (advantage 0)
+            keep &= ~torch.tensor(rec.rewards.failed, dtype=torch.bool)
         for mb in mbs:
-            if ro.mask_truncated_completions:
-                mb.completion_mask &= torch.tensor(out.finished[mb.rows])[:, None]
-            mb.advantages = rec.advantages[mb.rows]
-            mb.rollout_logprobs = pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1])
-            with torch.no_grad():
-                if self.ref_model is not None:
-                    mb.ref_logprobs = completion_logprobs(self.ref_model, mb, V, T)[0]
-                if cfg.loss.num_iterations > 1:
-                    mb.old_logprobs = completion_logprobs(self.model, mb, V, T)[0]
+            rows = row_indices(mb)
+            mb.completion_mask &= keep[rows][:, None]
+            mb.advantages = rec.advantages[rows]
+            mb.rollout_logprobs = pad_rows([out.logprobs[i] for i in rows], mb.completion_mask.shape[1])
+        assign_loss_slices(
+            mbs, cfg.loss.loss_agg, bc.micro_batch_size, global_tokens=self._dp_sum, dp=dp_size(),
+            seq_mean_denominator=cfg.loss.seq_mean_denominator,
+        )  # fmt: skip
+        passes = {"ref_logprobs": self.ref_model} if self.ref_model is not None else {}
+        if cfg.loss.num_iterations > 1:
+            passes["old_logprobs"] = self.model
+        if not passes:
+            return
+        lp_mbs = mbs
+        if bc.logprob_max_tokens != bc.train_max_tokens:
+            lp_mbs = self._micro_batches(rec, bc.logprob_max_tokens, "batching.logprob_max_tokens")
+        V, T = self.qcfg.vocab_size, self.logprob_temperature
+        for name, model in passes.items():
+            per_row: list[torch.Tensor | None] = [None] * n
+            for lmb in lp_mbs:
+                if not lmb.completion_mask.shape[0]:
+                    continue  # an empty micro-batch
+                with torch.no_grad():
+                    lp = completion_logprobs(model, lmb, V, T, chunk_tokens=bc.logprob_chunk_tokens)[0]
+                if lp_mbs is mbs:
+                    setattr(lmb, name, lp)
+                    continue
+                for j, i in enumerate(row_indices(lmb)):
+                    per_row[i] = lp[j]
+            if lp_mbs is not mbs:
+                for mb in mbs:
+                    C = mb.completion_mask.shape[1]
+                    rows = [per_row[i][:C] for i in row_indices(mb)]
+                    setattr(mb, name, torch.stack([F.pad(r, (0, C - len(r))) for r in rows]))
+
+    def _micro_batches(self, rec: StepRecord, max_tokens: int | None, key: str) -> list[MicroBatch]:
+        """This rank's micro-batches under a token budget (``key``); as many on every DP rank."""
+        bc, G = self.cfg.batching, self.cfg.rollout.num_generations
+        return build_micro_batches(
+            rec.batch.prompt_ids, rec.rollout.completion_ids, bc.micro_batch_size, self.pad_id, G,
+            bc.shared_prefix, pack_sequences=bc.pack_sequences, max_tokens=max_tokens, budget_key=key,
+            agree=lambda k: int(self._dp_max(k)),
+        )  # fmt: skip
+
+    def _memory_plan(self, activations: ActivationOptions):
+        """The run's memory plan (``engine.batching.memory_plan``) against this GPU; on CPU logged only."""
+        from engine.batching.memory_plan import plan_memory
+
+        device_gib = None
+        if torch.cuda.is_available():
+            device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        plan = plan_memory(self.cfg, self.qcfg, dp_size(), device_gib, activations)
+        if plan.problems():
+            raise TrainingError("the run does not fit in GPU memory:\n" + plan.format())
+        return plan
 
     # 4. TRAIN: mu optimizer steps over the batch; each = all micro-batches' grads, DP all-reduce,
     #    clip, AdamW, LR schedule.
@@ -274,6 +363,7 @@ class GRPOTrainer:
             it = accumulate_policy_grads(
                 self.model, rec.micro_batches, cfg.loss, self.qcfg.vocab_size, self.logprob_temperature,
                 check_finite=self._check_finite, sampling_temperature=cfg.rollout.temperature,
+                chunk_tokens=cfg.batching.logprob_chunk_tokens,
             )  # fmt: skip
             self.model.finish_grad_sync()
             stepped, gnorm = self.optimizer.step()
@@ -342,27 +432,57 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
-        """Steps until ``max_steps``; checkpoints every ``save_every`` and at the end. An exception
+        """Steps until ``max_steps``; checkpoints every ``save_every`` and at the end, then (when due)
+        evaluates: the step's checkpoint is on disk before its evaluation starts, and a failed
+        evaluation is logged and skipped (:meth:`evaluate_safely`). An exception in a training step
         (e.g. a non-finite loss) stops the run without saving: the last good checkpoint stays."""
         cfg = self.cfg
         history = []
+        evals: dict[int, dict[str, float]] = {}  # step -> eval scalars, for the closing table
         start = self.step
         try:
             if cfg.eval.at_start and self.step == 0:
-                self.logger.log_scalars(0, self.evaluate())
+                evals[0] = self.evaluate_safely()
+                self.logger.log_scalars(0, evals[0])
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
-                if cfg.eval.due(self.step):
-                    metrics.update(self.evaluate())
-                history.append(metrics)
-                self.logger.log(self.step, metrics, self.step - start)
                 every = cfg.checkpoint.save_every
                 if (every and self.step % every == 0) or self.step == cfg.max_steps:
                     path = self.checkpointer.save(self)
                     self.logger.info(f"saved checkpoint {path}")
+                if cfg.eval.due(self.step):
+                    evals[self.step] = self.evaluate_safely()
+                    metrics.update(evals[self.step])
+                history.append(metrics)
+                self.logger.log(self.step, metrics, self.step - start)
+            if len(evals) > 1:
+                self.logger.info(eval_progress_table(evals))
         finally:
             self.close()
         return history
+
+    def evaluate_safely(self) -> dict[str, float]:
+        """:meth:`evaluate`, where a failure costs neither a checkpoint nor the run: the failing rank
+        prints its error, every rank learns that one failed (an all-reduce, so all skip together),
+        ``eval/failed`` is 1 and training continues; the next due evaluation tries again. A failure
+        that leaves a rank inside one of the evaluation's collectives cannot be agreed on: that run
+        stops at the collective timeout (``parallel.timeout_minutes``), its checkpoint already saved."""
+        err: Exception | None = None
+        try:
+            metrics = self.evaluate()
+        except Exception as e:  # noqa: BLE001 - reported below; KeyboardInterrupt still stops the run
+            err, metrics = e, {}
+        if err is not None:
+            print(
+                f"[rank {dist.get_rank()}] evaluation at step {self.step} failed: {type(err).__name__}: {err}",
+                file=sys.stderr,
+                flush=True,
+            )
+        failed = all_reduce(torch.tensor([0.0 if err is None else 1.0]), dist.ReduceOp.MAX).item() > 0
+        if failed:
+            self.logger.info(f"evaluation at step {self.step} failed and was skipped; training continues")
+            return {"eval/failed": 1.0}
+        return {**metrics, "eval/failed": 0.0}
 
     def evaluate(self) -> dict[str, float]:
         """Benchmark pass@1 / avg@k with the current generator (collective)."""

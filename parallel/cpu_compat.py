@@ -2,7 +2,7 @@
 
 Applied by :func:`apply_cpu_compat` only when ``torch.cuda.is_available()`` is False, so nothing
 that runs on a GPU is ever patched. Each point below was met running GPTModel / DDP /
-dist_checkpointing with gloo on CPU (see ../shared/reference/megatron-on-cpu.md):
+dist_checkpointing with gloo on CPU:
 
 1. ``torch.cuda.current_device()`` is called to choose tensor devices (rotary ``inv_freq``,
    DDP grad buffers, dist_checkpointing flags). On CPU it must name the CPU.
@@ -11,8 +11,10 @@ dist_checkpointing with gloo on CPU (see ../shared/reference/megatron-on-cpu.md)
 3. The CUDA RNG tracker (``tensor_parallel.random``) reads/sets CUDA generator state, even with
    dropout 0 because attention always forks it. It is replaced by a tracker over the CPU
    generator with the same seeds Megatron would use (data-parallel seed, TP-offset seed).
+   Activation recomputation (``tensor_parallel.checkpoint``) saves and restores the "CUDA" RNG
+   state around the recomputed forward: on CPU that state is the CPU generator's, already saved.
 4. The default causal mask is built on device "cuda" when no mask is given: callers always pass an
-   explicit boolean mask (``models.qwen.inputs.attention_mask``), nothing to patch.
+   explicit boolean mask (``models.qwen.model.attention_mask``), nothing to patch.
 5. Megatron's optimizer wrappers allocate with ``device='cuda'``: not patched; the trainer uses
    ``torch.optim.AdamW`` over the DDP ``main_grad`` buffers and a TP-aware grad-norm clip on CPU
    (``engine.optimizer``).
@@ -89,6 +91,8 @@ def cpu_model_parallel_seed(seed: int, tp_rank: int) -> None:
     """CPU twin of ``tensor_parallel.model_parallel_cuda_manual_seed`` (same seed offsets)."""
     from megatron.core.tensor_parallel import random as mp_random
 
+    mp_random._get_cuda_rng_state = lambda *_a, **_k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda *_a, **_k: None
     tracker = _cpu_tracker_class()()
     mp_random._CUDA_RNG_STATE_TRACKER = tracker
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -58,3 +58,13 @@ def check(results: dict, name: str) -> None:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dist")
+
+
+SLOW_MARKS = ("multi_rank", "e2e", "gpu")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test not marked multi_rank / e2e / gpu is a unit test (``make test-fast``: ``-m unit``)."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in SLOW_MARKS):
+            item.add_marker(pytest.mark.unit)

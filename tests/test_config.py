@@ -241,3 +241,14 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert config_to_dict(again) == config_to_dict(cfg)
     assert config_to_dict(cfg)["out_dir"] == "runs/y"
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("null", ["null", "~", "NULL"])
+def test_null_override_is_none_as_in_yaml(tmp_path: Path, null: str) -> None:
+    """A YAML null in an override is None (an optional field), never the string "null"."""
+    cfg = load_config(
+        TrainCfg, None, [f"data.system_prompt={null}", f"loss.kl_clamp={null}", "data.split=2024"]
+    )
+    assert cfg.data.system_prompt is None and cfg.loss.kl_clamp is None and cfg.data.split == "2024"
+    with pytest.raises(ConfigError, match="'name'.*expected str, got None"):
+        load_config(TrainCfg, None, [f"name={null}"])

@@ -78,11 +78,13 @@ def tp2(session_tmp):
     return torchrun("convert_worker.py", 2, session_tmp / "convert_tp2", "--tp", "2")
 
 
+@pytest.mark.multi_rank
 @pytest.mark.parametrize("name", SINGLE)
 def test_single_process(single, name):
     check(single, name)
 
 
+@pytest.mark.multi_rank
 @pytest.mark.parametrize("name", TP2)
 def test_torchrun_tp2(tp2, name):
     check(tp2, name)
@@ -92,6 +94,7 @@ def _snapshot(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
+@pytest.mark.e2e
 def test_cli_killed_mid_write_then_rerun(single, session_tmp, tmp_path):
     """SIGKILL during mcore-to-hf --overwrite: the old output is intact, the partial one is only a
     ``.tmp-<pid>`` dir without config.json; a rerun cleans it up and replaces the output."""

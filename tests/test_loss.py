@@ -6,6 +6,7 @@ with hand-derived gradients; they never call engine code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -97,13 +98,15 @@ def ref_grpo(logp, old, ref, rollout, adv, mask, cfg):
                     if clamp is not None and k > 10.0:
                         k, dk = 10.0, 0.0
                 kl_sum += k
+                if cfg.get("kl_bias_correction"):  # k * r, d(k * r) = dk * r + k * r
+                    k, dk = k * r, dk * r + k * r
             tok_val[b, t] = val + beta * k
             tok_grad[b, t] = d + beta * dk
 
     # Aggregation weight of each valid token.
     weight = np.zeros((B, T))
     lengths = [sum(1 for t in range(T) if mask[b][t]) for b in range(B)]
-    n_seq = sum(1 for n in lengths if n > 0)
+    n_seq = B if cfg.get("seq_mean_denominator") == "all" else sum(1 for n in lengths if n > 0)
     for b in range(B):
         for t in range(T):
             if not mask[b][t]:
@@ -329,6 +332,80 @@ def test_kl_clamps(kl_estimator, kl_clamp):
     check_against_ref(inp, cfg)
 
 
+@pytest.mark.parametrize("exp", [1, 2, 3])
+@pytest.mark.parametrize("log_r, k3, grad", [(3.0, 16.09, -19.1), (5.0, 142.4, -147.4)])
+def test_open_rs_configs_give_trls_unclamped_k3(exp, log_r, k3, grad):
+    """TRL 69ad852e has no clamp: k3 at log(pi_ref / pi) = 3 / 5 is 16.09 / 142.4 with d/dlogp -19.1 / -147.4;
+    the open-rs configs resolve to that (a clamp at 20 gives 10 and gradient 0)."""
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.train_config import TrainConfig
+
+    cfg = load_config(
+        TrainConfig, Path(__file__).resolve().parents[1] / f"configs/open_rs_exp{exp}.yaml"
+    ).loss
+    assert cfg.kl_clamp is None and cfg.kl_bias_correction is False
+    exact_k3, exact_grad = math.exp(log_r) - log_r - 1.0, -(math.exp(log_r) - 1.0)  # float64 reference
+    assert (exact_k3, exact_grad) == (pytest.approx(k3, abs=0.02), pytest.approx(grad, abs=0.05))
+    logp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    ref = torch.full((1, 1), log_r, dtype=torch.float64)
+    loss, metrics = grpo_loss(logp, None, ref, torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), cfg)
+    loss.backward()
+    assert metrics["kl"].item() == pytest.approx(exact_k3, rel=1e-12)
+    assert loss.item() == pytest.approx(cfg.beta * exact_k3, rel=1e-12)
+    assert logp.grad.item() == pytest.approx(cfg.beta * exact_grad, rel=1e-12)
+    clamped = LossConfig(beta=cfg.beta, kl_clamp=20.0)
+    logp.grad = None
+    grpo_loss(logp, None, ref, torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), clamped)[0].backward()
+    assert logp.grad.item() == 0.0  # the clamp the open-rs configs must not have
+
+
+@pytest.mark.parametrize("use_old", [False, True])
+@pytest.mark.parametrize("kl_estimator, kl_clamp", [("k3", None), ("k3", 20.0), ("k1", None), ("k2", 2.0)])
+def test_kl_bias_correction(use_old, kl_estimator, kl_clamp):
+    """TRL 1.16 use_bias_correction_kl: KL_t x r_t (with grad) against the float64 formula."""
+    inp = make_inputs(seed=12)
+    cfg = LossConfig(beta=0.3, kl_estimator=kl_estimator, kl_clamp=kl_clamp, kl_bias_correction=True)
+    loss, grad, _ = check_against_ref(inp, cfg, use_old=use_old)
+    plain_loss, plain_grad, _ = run_engine(
+        inp, dataclasses.replace(cfg, kl_bias_correction=False), use_old=use_old
+    )
+    if not use_old:  # on-policy r = exp(logp - logp.detach()): same value, gradient + beta * KL_t * w_t
+        assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-12, abs=1e-12)
+        m = inp["mask"]
+        logp = np.where(m, inp["logp"], 0.0)
+        ref = np.where(m, inp["ref"], 0.0)
+        log_r = ref - logp
+        if kl_clamp is not None:
+            log_r = np.clip(log_r, -kl_clamp, kl_clamp)
+        k = {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": np.exp(log_r) - log_r - 1.0}[kl_estimator]
+        if kl_clamp is not None and kl_estimator == "k3":
+            k = np.minimum(k, 10.0)
+        w = np.where(m, 1.0 / m.sum(), 0.0)  # token-mean weight
+        np.testing.assert_allclose((grad - plain_grad).numpy(), 0.3 * k * w, atol=1e-12)
+    else:
+        assert loss.item() != pytest.approx(plain_loss.item())
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("denominator", ["nonempty", "all"])
+def test_seq_mean_denominator(loss_agg, denominator):
+    """Rows masked out entirely (mask_truncated_completions): "nonempty" leaves them out of the sequence mean,
+    "all" (TRL 1.16 loss_type grpo / dr_grpo) counts them as 0."""
+    inp = make_inputs(seed=13)
+    inp["mask"][4] = False  # a truncated completion masked out, beside the all-padding row 2
+    cfg = LossConfig(beta=0.1, loss_agg=loss_agg, seq_mean_denominator=denominator)
+    loss, grad, _ = check_against_ref(inp, cfg)
+    other, other_grad, _ = run_engine(
+        inp, dataclasses.replace(cfg, seq_mean_denominator="all" if denominator == "nonempty" else "nonempty")
+    )
+    nonempty = int(inp["mask"].any(1).sum())  # 4 of B = 6 rows
+    scale = B / nonempty if denominator == "nonempty" else nonempty / B
+    assert loss.item() == pytest.approx(other.item() * scale, rel=1e-12)
+    np.testing.assert_allclose(grad.numpy(), other_grad.numpy() * scale, rtol=1e-12, atol=1e-15)
+
+
 def test_on_policy_plain_policy_gradient():
     inp = make_inputs(seed=10)
     cfg = LossConfig(beta=0.0)
@@ -471,6 +548,8 @@ def test_config_defaults_are_trl_open_rs():
         ("norm_length", 0, ">= 1"),
         ("tis_cap", 0.0, "> 0"),
         ("num_iterations", 0, ">= 1"),
+        ("kl_bias_correction", "yes", "True or False"),
+        ("seq_mean_denominator", "rows", "['nonempty', 'all']"),
     ],
 )
 def test_config_validation_messages(field, value, options):
@@ -481,7 +560,8 @@ def test_config_validation_messages(field, value, options):
 
 
 @pytest.mark.parametrize(
-    "field, value, options", [("baseline", "median", "leave_one_out"), ("scale_rewards", "yes", "True or False")]
+    "field, value, options",
+    [("baseline", "median", "leave_one_out"), ("scale_rewards", "yes", "True or False")],
 )
 def test_advantage_config_validation_messages(field, value, options):
     with pytest.raises(ValueError) as exc:

@@ -21,6 +21,7 @@ def results(session_tmp):
     return torchrun("optimizer_state.py", 2, session_tmp / "optimizer_state")
 
 
+@pytest.mark.multi_rank
 @pytest.mark.parametrize("name", CHECKS)
 def test_optimizer_state(results, name):
     check(results, name)

@@ -56,6 +56,11 @@ def test_peak_and_mfu():
 
 def _run(cmd: list[str], tmp: Path, timeout: int = 300) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    for k in (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):  # set by an in-process trainer of an earlier test: its port is taken
+        env.pop(k, None)
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     (tmp / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
@@ -76,6 +81,7 @@ def _check_summary(s: dict) -> None:
     assert s["peak_mem_max_bytes"] > 0
 
 
+@pytest.mark.e2e
 def test_profile_throughput_tp2_dp2(tmp_path):
     """The demo config at TP2 x DP2 on 4 CPU ranks: summary table, profiler trace and TB scalars."""
     logdir = tmp_path / "run"
@@ -120,6 +126,7 @@ def test_profile_throughput_tp2_dp2(tmp_path):
     assert len(acc.Scalars("perf/wall_s")) == 1 + 2 + 1  # warm-up, measured, profiled
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["train", "generate"])
 def test_profile_throughput_modes_single_rank(tmp_path, mode):
     logdir = tmp_path / "run"
@@ -138,3 +145,38 @@ def test_profile_throughput_modes_single_rank(tmp_path, mode):
     else:
         assert s["train_s_total"] == 0 and s["gen_tokens"] > 0 and s["achieved_tflops_train"] == 0
     assert not (logdir / "profile" / "trace").exists()
+
+
+@pytest.mark.e2e
+def test_profile_throughput_synthetic_train_same_loss_at_any_batching(tmp_path):
+    """--mode train without a rollout: synthetic rows (no EOS), through the phase scheduler and the
+    trainer's own phase methods, plain single process and under torchrun. The same global batch gives
+    the same first-step loss, KL (the reference logprobs land on their rows) and logprobs, unpacked
+    at DP1 as packed in token budgets (different for the logprob and training passes) at DP2."""
+    common = [
+        "--mode", "train", "--synthetic-completions", "8", "--synthetic-prompt-length", "5", "--steps", "1",
+        "--warmup", "0", "--profile-steps", "0", "--peak-tflops", "0.1", "parallel.tensor_parallel=1",
+        "loss.beta=0.04", "batching.micro_batch_size=64",
+    ]  # fmt: skip
+    runs = {
+        "plain": [sys.executable, "tools/profile_throughput.py"],
+        "packed_dp2": [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "tools/profile_throughput.py", "batching.pack_sequences=true", "batching.train_max_tokens=150",
+            "batching.logprob_max_tokens=400",
+        ],
+    }  # fmt: skip
+    out = {}
+    for name, cmd in runs.items():
+        logdir = tmp_path / name
+        _run([*cmd, "--config", "configs/demo_cpu.yaml", *common, f"logging.dir={logdir}"], tmp_path)
+        out[name] = s = json.loads((logdir / "profile" / "summary.json").read_text())
+        _check_summary(s)
+        assert s["mode"] == "train" and s["rollout_s_total"] == 0 and s["gen_tokens"] == 0
+        assert s["rows"] == 16 * 16 and s["train_tokens"] == s["rows"] * (5 + 8)  # exactly the synthetic rows
+        assert s["logprobs_s_total"] > 0 and s["train_s_total"] > 0
+    assert out["packed_dp2"]["world_size"] == 2 and out["packed_dp2"]["dp"] == 2
+    a, b = out["plain"]["last_step_loss"], out["packed_dp2"]["last_step_loss"]
+    assert abs(a["loss/kl"]) < 1e-7 and abs(b["loss/kl"]) < 1e-7  # policy == reference at step 1
+    for k in ("loss/loss", "loss/pg_loss", "loss/logp_diff", "loss/entropy"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k

@@ -148,3 +148,45 @@ def test_transformer_engine_names_round_trip():
     assert not any(k.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in keys)
     back = mcore_shards_to_hf(cfg, shards)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_activation_options_reach_transformer_config(real):
+    from models.qwen.config import ActivationOptions
+
+    t = real.transformer_config(tp=2, activations=ActivationOptions(sequence_parallel=True))
+    assert t.sequence_parallel and t.recompute_granularity is None
+    assert not real.transformer_config(
+        tp=1, activations=ActivationOptions(sequence_parallel=True)
+    ).sequence_parallel
+    t = real.transformer_config(tp=1, activations=ActivationOptions(recompute_granularity="selective"))
+    assert t.recompute_granularity == "selective" and t.recompute_modules == ["core_attn"]
+    full = ActivationOptions(recompute_granularity="full", recompute_method="block", recompute_num_layers=4)
+    t = real.transformer_config(tp=1, activations=full)
+    assert (t.recompute_granularity, t.recompute_method, t.recompute_num_layers) == ("full", "block", 4)
+    assert real.transformer_config(tp=1).recompute_granularity is None  # default: neither
+    with pytest.raises(ValueError, match=r"recompute_num_layers=29 exceeds the model's 28 layers"):
+        real.transformer_config(tp=1, activations=ActivationOptions(False, "full", "uniform", 29))
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"recompute_granularity": "partial"}, r"recompute_granularity='partial' is invalid: expected null"),
+        ({"recompute_granularity": "full"}, r"'full' needs recompute_method .* and recompute_num_layers"),
+        ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 0}, r"recompute_num_layers=0"),
+        ({"recompute_method": "uniform"}, r"apply to recompute_granularity='full' only"),
+        ({"recompute_granularity": "selective", "recompute_modules": ("attention",)}, r"recompute_modules=\['attention'\]"),
+        ({"sequence_parallel": "yes"}, r"sequence_parallel='yes' is invalid: expected true or false"),
+    ],
+)  # fmt: skip
+def test_activation_options_bad_input(kw, msg):
+    from models.qwen.config import ActivationOptions
+
+    with pytest.raises(ValueError, match=msg):
+        ActivationOptions(**kw)
+
+
+def test_pad_token_id_is_read_and_written_back(real):
+    assert real.pad_token_id is None  # the R1 config has none: no embedding row is frozen
+    cfg = QwenConfig.from_hf_dict({**real.hf_config, "pad_token_id": 151643})
+    assert cfg.pad_token_id == 151643 and cfg.to_hf_dict()["pad_token_id"] == 151643

@@ -64,6 +64,7 @@ def runs(tmp_path_factory):
     return a, b, c, out_b, out_c
 
 
+@pytest.mark.e2e
 def test_straight_equals_resumed(runs):
     a, b, _, out_b, _ = runs
     assert "resumed from" in out_b and "at step 3 (weight version 3)" in out_b
@@ -76,6 +77,7 @@ def test_straight_equals_resumed(runs):
     assert meta["extra"]["sampler"]["step"] == 6
 
 
+@pytest.mark.e2e
 def test_resume_at_another_tp_reshards_the_optimizer(runs):
     a, _, c, _, out_c = runs
     assert "at step 3" in out_c
@@ -131,6 +133,7 @@ def test_optimizer_moments_reshard_exactly():
         ), name
 
 
+@pytest.mark.e2e
 def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
     """SIGKILL the trainer while it writes its second checkpoint (a `.tmp-<pid>` dir exists)."""
     run = tmp_path / "killed"
@@ -168,3 +171,60 @@ def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
     )
     assert f"at step {meta['extra']['step']}" in out
     assert not any(".tmp-" in q.name for q in ck.iterdir())
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_partial_writes_removed_live_ones_kept(tmp_path):
+    """Partial writes of dead writers go (one log line each); a live writer's stay; keep_last counts
+    complete checkpoints only."""
+    from engine.checkpointing import TrainCheckpointer
+    from models.qwen.checkpoint import METADATA_FILE
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        (root / f"step_{step:06d}" / METADATA_FILE).write_text("{}")
+    dead, live = _dead_pid(), os.getpid()
+    stale_dir = root / f"step_000004.tmp-{dead}"
+    stale_file = root / f".latest.tmp-{dead}-x1y2"
+    live_dir = root / f"step_000005.tmp-{live}"
+    for d in (stale_dir, live_dir):
+        d.mkdir()
+        (d / "weights.bin").write_bytes(b"\0" * 1024)
+    stale_file.write_text("step_000004\n")
+    lines: list[str] = []
+    ck = TrainCheckpointer(root, keep_last=2, log=lines.append)
+    assert ck.complete() == [root / f"step_{s:06d}" for s in (1, 2, 3)]  # partial writes are not checkpoints
+    removed = ck.remove_stale_partials()
+    assert sorted(removed) == sorted([stale_dir, stale_file])
+    assert not stale_dir.exists() and not stale_file.exists() and (live_dir / "weights.bin").exists()
+    assert len(lines) == 2 and all(f"process {dead}" in ln for ln in lines)
+    ck._prune()  # keep_last=2 of the complete checkpoints; the live partial write is untouched
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003", live_dir.name]
+
+
+@pytest.mark.e2e
+def test_checkpoint_survives_a_failing_eval(tmp_path):
+    """Save first, then evaluate: an evaluation that raises (here the open-rs prompt, 335 tokens, does
+    not fit the demo model's 64-token context) is logged and skipped; every checkpoint is written and
+    the run finishes."""
+    run = tmp_path / "evalfail"
+    cmd = [sys.executable, "tools/train_grpo.py", *BASE, f"logging.dir={run}", "parallel.tensor_parallel=1",
+           "max_steps=2", "checkpoint.save_every=1", "eval.every_steps=1", "eval.tasks=[]",
+           "eval.task_files=[assets/demo/test.jsonl]", "eval.max_new_tokens=2", "eval.limit=4"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert out.count("evaluation at step 1 failed") == 2 and "exceeds the model's context" in out
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000002"
+    for step in (1, 2):
+        assert read_checkpoint_metadata(ck / f"step_{step:06d}")["extra"]["step"] == step
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("eval/failed")] == [(1, 1.0), (2, 1.0)]

@@ -1,17 +1,22 @@
-"""Tests for engine/rewards.py: open-rs reward quirks, registry validation, and the pool."""
+"""Tests for engine/rewards/: open-rs reward quirks, the registry and config, the pool, failures."""
 
 from __future__ import annotations
 
 import math
+import pickle
 import threading
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
+from engine.config import ConfigError, config_to_dict, load_config, save_config
 from engine.rewards import (
-    REWARD_FUNCTIONS,
+    REWARDS,
+    CosineParams,
     RewardConfig,
     RewardScorer,
+    RewardSpec,
     RewardWorkerPool,
     accuracy_reward,
     cosine_reward,
@@ -21,14 +26,16 @@ from engine.rewards import (
     length_group_rewards,
     length_reward,
     parse_gold,
+    register,
     repetition_reward,
     tag_count_reward,
     wrap_gold,
 )
 
-SLEEP = "engine.rewards:_test_hook_sleep_forever"
-RAISE = "engine.rewards:_test_hook_raise"
-EXIT = "engine.rewards:_test_hook_exit"
+# Misbehaving rewards by dotted path (tests/reward_hooks.py); metric names are the function names.
+SLEEP, SLEEP_NAME = "reward_hooks:sleep_forever", "sleep_forever"
+RAISE, RAISE_NAME = "reward_hooks:raise_error", "raise_error"
+EXIT, EXIT_NAME = "reward_hooks:exit_process", "exit_process"
 
 
 def _pad(answer: str, total_len: int) -> str:
@@ -97,7 +104,7 @@ TABLE: list[tuple[str, str, str, float]] = [
 
 @pytest.mark.parametrize(("name", "completion", "gold", "expected"), TABLE)
 def test_reward_table_inline(name: str, completion: str, gold: str, expected: float) -> None:
-    assert REWARD_FUNCTIONS[name](completion, gold) == pytest.approx(expected)
+    assert REWARDS[name].fn(completion, gold) == pytest.approx(expected)
 
 
 def test_reward_table_through_pool(pool: RewardWorkerPool) -> None:
@@ -190,7 +197,9 @@ def test_cosine_reward_tokens_clamped() -> None:
 
 
 def test_cosine_scorer_tokens(pool: RewardWorkerPool) -> None:
-    cfg = RewardConfig(funcs=["cosine"], cosine_max_len=100, cosine_length_unit="tokens", cosine_clamp=True)
+    cfg = RewardConfig(
+        funcs=["cosine"], params={"cosine": {"max_len": 100, "length_unit": "tokens", "clamp": True}}
+    )
     scorer = RewardScorer(cfg, pool=pool)
     res = scorer(["\\boxed{27}", "\\boxed{27}"], ["27", "27"], completion_lengths=[0, 400])
     assert res.per_function["cosine"] == pytest.approx([1.0, 0.5])
@@ -200,7 +209,7 @@ def test_cosine_scorer_tokens(pool: RewardWorkerPool) -> None:
 
 def test_exp3_weighted_total_range(pool: RewardWorkerPool) -> None:
     # Exp 3: 1*format + 2*cosine lies in [-1, 3].
-    cfg = RewardConfig(funcs=["format", "cosine"], weights=[1.0, 2.0], cosine_max_len=100)
+    cfg = RewardConfig(funcs=["format", "cosine"], weights=[1.0, 2.0], params={"cosine": {"max_len": 100}})
     scorer = RewardScorer(cfg, pool=pool)
     completions, golds = [], []
     for n in range(25, 425, 25):
@@ -250,11 +259,11 @@ def test_repetition_config() -> None:
         -2.0 * (1 - 2 / 5)
     )
     scorer = RewardScorer(
-        RewardConfig(funcs=["repetition"], repetition_ngram_size=2, repetition_max_penalty=-0.5)
+        RewardConfig(funcs=["repetition"], params={"repetition": {"ngram_size": 2, "max_penalty": -0.5}})
     )
     assert scorer(["a b a b"], [""]).total == pytest.approx([-0.5 * (1 - 2 / 3)])
     with pytest.raises(ValueError):
-        RewardConfig(funcs=["repetition"], repetition_max_penalty=0.5)
+        RewardConfig(funcs=["repetition"], params={"repetition": {"max_penalty": 0.5}})
 
 
 def test_direct_functions_signatures() -> None:
@@ -269,7 +278,7 @@ def test_direct_functions_signatures() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(REWARD_FUNCTIONS) == {
+    assert set(REWARDS) == {
         "accuracy",
         "format",
         "cosine",
@@ -290,7 +299,7 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         RewardConfig(funcs=["format", "format"])
     with pytest.raises(ValueError, match="length_unit"):
-        RewardConfig(cosine_length_unit="bytes")
+        RewardConfig(funcs=["cosine"], params={"cosine": {"length_unit": "bytes"}})
     with pytest.raises(ValueError, match="start_method"):
         RewardConfig(start_method="fork")
     assert RewardConfig(funcs=["format", SLEEP]).resolved_weights == [1.0, 1.0]
@@ -301,7 +310,7 @@ def test_inline_mode_and_mismatched_inputs() -> None:
     with RewardScorer(cfg) as scorer:
         res = scorer([THINK + "\\boxed{27}", "\\boxed{1}"], ["27", "27"])
         assert res.total == pytest.approx([3.0, 0.0])
-        assert res.per_function[RAISE] == [0.0, 0.0]
+        assert res.per_function[RAISE_NAME] == [0.0, 0.0]
         assert (res.num_timeouts, res.num_errors) == (0, 2)
         with pytest.raises(ValueError, match="golds"):
             scorer(["a"], [])
@@ -319,8 +328,8 @@ def test_timeout_error_and_recovery(pool: RewardWorkerPool) -> None:
     res = scorer(["\\boxed{27}", "\\boxed{3}"], ["27", "27"])
     assert time.monotonic() - t0 < 8.0
     assert res.per_function["accuracy"] == [1.0, 0.0]
-    assert res.per_function[SLEEP] == [0.0, 0.0]
-    assert res.per_function[RAISE] == [0.0, 0.0]
+    assert res.per_function[SLEEP_NAME] == [0.0, 0.0]
+    assert res.per_function[RAISE_NAME] == [0.0, 0.0]
     assert res.num_timeouts == 2
     assert res.num_errors == 2
     assert res.total == pytest.approx([1.0, 0.0])
@@ -333,7 +342,7 @@ def test_timeout_error_and_recovery(pool: RewardWorkerPool) -> None:
 def test_worker_crash_is_counted(pool: RewardWorkerPool) -> None:
     scorer = RewardScorer(RewardConfig(funcs=[EXIT, "format"]), pool=pool)
     res = scorer(["x\n</think>\ny"], [""])
-    assert res.per_function[EXIT] == [0.0]
+    assert res.per_function[EXIT_NAME] == [0.0]
     assert res.total == [1.0]
     assert (res.num_timeouts, res.num_errors) == (0, 1)
     again = RewardScorer(RewardConfig(funcs=["accuracy"]), pool=pool)(["\\boxed{5}"], ["5"])
@@ -350,3 +359,143 @@ def test_owned_pool_lifecycle() -> None:
     assert scorer._pool is None
     with pytest.raises(RuntimeError, match="closed"):
         pool.run([("accuracy", ("\\boxed{2}", "2"), {})], timeout_s=1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: one registration per reward; params through the config system
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cfg:
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+
+
+@pytest.fixture
+def plugin():
+    """tests/reward_plugin.py registered (import), unregistered afterwards."""
+    import reward_plugin
+
+    spec = RewardSpec(
+        "scaled_length", reward_plugin.scaled_length, reward_plugin.ScaledLengthParams, pooled=True
+    )
+    register(spec)  # again, if an earlier test unregistered it (same function: not a conflict)
+    yield reward_plugin
+    REWARDS.pop("scaled_length", None)
+
+
+def test_one_registration_adds_a_reward(plugin, pool: RewardWorkerPool, tmp_path) -> None:
+    # By dotted path: importing the module registers it; the registered name is the metric name.
+    yaml_path = tmp_path / "r.yaml"
+    yaml_path.write_text(
+        "rewards:\n  funcs: ['reward_plugin:scaled_length', format]\n"
+        "  params:\n    scaled_length: {scale: 2.0}\n"
+    )
+    cfg = load_config(_Cfg, yaml_path, ["rewards.params.scaled_length.offset=1"]).rewards
+    assert cfg.params == {"scaled_length": plugin.ScaledLengthParams(scale=2.0, offset=1)}
+    res = RewardScorer(cfg, pool=pool)(["abc", "x\n</think>\ny"], ["", ""], completion_lengths=[5, 7])
+    assert res.per_function["scaled_length"] == [12.0, 16.0]  # in the spawned worker: 2 * (n + 1)
+    assert res.total == [12.0, 17.0]
+    # By name once registered; inline (num_workers=0); characters without token counts.
+    cfg0 = RewardConfig(funcs=["scaled_length"], params={"scaled_length": {"scale": 0.5}}, num_workers=0)
+    assert RewardScorer(cfg0)(["abcd"], [""]).total == [2.0]
+    # A second registration under the same name by another function is refused.
+    with pytest.raises(ValueError, match="already registered"):
+        register(RewardSpec("scaled_length", format_reward))
+
+
+def test_params_override_and_errors(tmp_path) -> None:
+    yaml_path = tmp_path / "r.yaml"
+    yaml_path.write_text("rewards:\n  funcs: [format, cosine]\n  params:\n    cosine: {max_len: 3584}\n")
+    cfg = load_config(_Cfg, yaml_path).rewards
+    assert cfg.params["cosine"] == CosineParams(max_len=3584)
+    full = load_config(
+        _Cfg, yaml_path, ["rewards.params.cosine.max_len=100", "rewards.params.cosine.clamp=true"]
+    )
+    cfg = full.rewards
+    assert (cfg.params["cosine"].max_len, cfg.params["cosine"].clamp) == (100, True)
+    # Defaults are filled in for every reward in funcs that has parameters (what --print-config shows).
+    assert config_to_dict(RewardConfig(funcs=["cosine", "format"]))["params"] == {
+        "cosine": {
+            "max_len": 1000,
+            "min_value_wrong": 0.0,
+            "max_value_wrong": -0.5,
+            "min_value_correct": 0.5,
+            "max_value_correct": 1.0,
+            "length_unit": "chars",
+            "clamp": False,
+        }
+    }
+    saved = save_config(full, tmp_path / "saved.yaml")
+    assert load_config(_Cfg, saved) == full
+    with pytest.raises(
+        ConfigError,
+        match=r"'rewards.params.cosine.max_lne'.*reward 'cosine'.*Did you mean 'rewards.params.cosine.max_len'",
+    ):
+        load_config(_Cfg, yaml_path, ["rewards.params.cosine.max_lne=100"])
+    with pytest.raises(ConfigError, match=r"rewards.params.cosine.max_len.*expected int"):
+        load_config(_Cfg, yaml_path, ["rewards.params.cosine.max_len=abc"])
+    with pytest.raises(ConfigError, match=r"length_unit.*'chars', 'tokens'"):
+        load_config(_Cfg, yaml_path, ["rewards.params.cosine.length_unit=bytes"])
+    with pytest.raises(ConfigError, match=r"rewards.params has \['cosnie'\]"):
+        load_config(_Cfg, yaml_path, ["rewards.params.cosnie.max_len=1"])
+    with pytest.raises(ConfigError, match=r"reward 'format' takes no parameters"):
+        load_config(_Cfg, yaml_path, ["rewards.params.format.x=1"])
+    with pytest.raises(ConfigError, match=r"on_failure"):
+        load_config(_Cfg, yaml_path, ["rewards.on_failure=skip"])
+    with pytest.raises(ValueError, match="on_failure"):
+        RewardConfig(on_failure="skip")  # type: ignore[arg-type]
+
+
+def test_metric_names_are_reward_names() -> None:
+    res = RewardScorer(RewardConfig(funcs=["tools.demo_task:demo_exact", "format"], num_workers=0))(
+        ["7"], ["7"]
+    )
+    assert list(res.per_function) == ["demo_exact", "format"]
+    with pytest.raises(ValueError, match="metric names must be unique"):
+        RewardConfig(funcs=["tools.demo_task:demo_exact", "reward_hooks:demo_exact"])
+
+
+def test_unpicklable_pooled_reward_is_a_clear_error() -> None:
+    register(RewardSpec("local_lambda", lambda c, g: 1.0, pooled=True))
+    try:
+        with pytest.raises(ValueError, match="'local_lambda' runs in the worker pool.*picklable"):
+            RewardScorer(RewardConfig(funcs=["local_lambda"], num_workers=1))
+        assert RewardScorer(RewardConfig(funcs=["local_lambda"], num_workers=0))(["a"], [""]).total == [1.0]
+    finally:
+        REWARDS.pop("local_lambda")
+
+
+# ---------------------------------------------------------------------------------------
+# Failures: per-completion flags (rewards.on_failure)
+# ---------------------------------------------------------------------------------------
+
+
+def test_failed_flags_inline_and_pool(pool: RewardWorkerPool) -> None:
+    fail_x = "reward_hooks:fail_on_x"
+    cfg = RewardConfig(funcs=["format", fail_x], num_workers=0, on_failure="exclude")
+    res = RewardScorer(cfg)(["a\n</think>\nb", "x", "c"], ["", "", ""])
+    assert res.failed == [False, True, False]
+    assert res.per_function["fail_on_x"] == [1.0, 0.0, 1.0] and res.total == [2.0, 0.0, 1.0]
+    assert (res.num_timeouts, res.num_errors) == (0, 1)
+    # Through the pool: a timeout, an error and a crash each mark their completion.
+    cfg = RewardConfig(funcs=["format", fail_x], timeout_s=1.0)
+    res = RewardScorer(cfg, pool=pool)(["a", "x", "b"], ["", "", ""])
+    assert res.failed == [False, True, False]
+    res = RewardScorer(RewardConfig(funcs=[SLEEP], timeout_s=0.5), pool=pool)(["a"], [""])
+    assert res.failed == [True] and res.num_timeouts == 1
+    # RewardResult crosses processes (broadcast_object over TP): it must pickle.
+    assert pickle.loads(pickle.dumps(res)) == res
+
+
+@pytest.mark.parametrize("exp", [1, 2, 3])
+def test_open_rs_configs_keep_the_recipe_failure_rule(exp: int) -> None:
+    from conftest import REPO
+
+    from engine.config import build_section, load_yaml_with_base
+
+    path = REPO / f"configs/open_rs_exp{exp}.yaml"
+    cfg = build_section(RewardConfig, load_yaml_with_base(path)["rewards"], "rewards", str(path))
+    assert cfg.on_failure == "zero"  # the recipe: a failed reward scores 0 inside its group
+    if exp == 3:
+        assert cfg.params == {"cosine": CosineParams(max_len=3584)}  # open-rs values, characters, unclamped

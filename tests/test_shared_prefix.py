@@ -39,6 +39,7 @@ def results(session_tmp):
     return per_layout("shared_prefix.py", session_tmp, LAYOUTS)
 
 
+@pytest.mark.multi_rank
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", CHECKS)
 def test_shared_prefix_parity(results, layout, name):
@@ -111,7 +112,9 @@ def test_option_reaches_the_config_loader(tmp_path):
     from engine.train_config import TrainConfig
 
     cfg = load_config(
-        TrainConfig, REPO / "configs/demo_cpu.yaml", ["batching.shared_prefix=true", f"logging.dir={tmp_path}"]
+        TrainConfig,
+        REPO / "configs/demo_cpu.yaml",
+        ["batching.shared_prefix=true", f"logging.dir={tmp_path}"],
     )
     assert cfg.batching.shared_prefix is True
 
@@ -133,6 +136,7 @@ def _trainer_cfg(tmp_path: Path, *overrides: str):
     return load_config(TrainConfig, REPO / "configs/demo_cpu.yaml", [*base, *overrides])
 
 
+@pytest.mark.e2e
 def test_train_step_packed_equals_unpacked(tmp_path):
     """The whole step (LOGPROBS phase with the reference model, truncation mask, TRAIN) through
     GRPOTrainer: same rollout, same loss, KL, entropy and gradient norm with the option on."""
@@ -168,3 +172,52 @@ def test_config_rejects_split_groups_at_load(tmp_path):
         ValueError, match=r"batching\.micro_batch_size=6 must be a multiple of rollout\.num_generations=4"
     ):
         _trainer_cfg(tmp_path, "batching.shared_prefix=true", "batching.micro_batch_size=6")
+
+
+def _blocks_to_attend(plan, S: int) -> torch.Tensor:
+    """The [b, S, S] query-sees-key matrix that ``SDPAttention`` computes from a SegmentAttention."""
+    out = torch.zeros(len(plan.blocks), S, S, dtype=torch.bool)
+    for r, blocks in enumerate(plan.blocks):
+        for tokens, skip in blocks:
+            for p in range(skip, len(tokens)):
+                out[r, tokens[p], tokens[: p + 1]] = True
+    return out
+
+
+def test_segment_blocks_equal_prefix_tree_mask():
+    """The O(S) block plan of the shared-prefix forward sees exactly what the dense
+    ``prefix_tree_attention_mask`` allows, for every real query (padding queries have no output)."""
+    from models.qwen.attention import segment_attention
+    from models.qwen.model import prefix_tree_segments
+
+    g = torch.Generator().manual_seed(0)
+    for P, G, C in [(2, 2, 2), (5, 3, 4), (1, 4, 3)]:
+        _, segments, _, _ = shared_prefix_layout(P, G, C)
+        S = P + G * C
+        pad = torch.rand(3, S, generator=g) > 0.3
+        pad[:, P - 1] = True  # the prompt's last token is real in every layout
+        want = ~prefix_tree_attention_mask(pad, segments)[:, 0]
+        got = _blocks_to_attend(segment_attention(*prefix_tree_segments(pad, segments)), S)
+        assert torch.equal(got & pad[:, :, None], want & pad[:, :, None] & pad[:, None, :])
+        assert not (got & ~pad[:, :, None]).any()  # padding queries and keys: nowhere
+
+
+def test_segment_blocks_for_packed_documents():
+    from models.qwen.attention import segment_attention
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1, 2, 2, 2, 2, -1]])
+    got = _blocks_to_attend(segment_attention(seg), seg.shape[1])[0]
+    same = (seg[0, :, None] == seg[0, None, :]) & (seg[0, :, None] >= 0)
+    assert torch.equal(got, same & torch.ones(11, 11, dtype=torch.bool).tril())
+    with pytest.raises(ValueError, match="must precede its branches"):
+        segment_attention(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 0, 2, 2]]))
+
+
+def test_thd_params_for_the_transformer_engine_spec():
+    from models.qwen.model import thd_packed_seq_params
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1, 2]])
+    p = thd_packed_seq_params(seg, None, torch.tensor([0, 1, 2, 0, 1, 0, 0]))
+    assert p.qkv_format == "thd" and p.cu_seqlens_q.tolist() == [0, 3, 5, 6, 7] and p.max_seqlen_q == 3
+    with pytest.raises(ValueError, match="positions must restart at 0 with every segment"):
+        thd_packed_seq_params(seg, None, torch.arange(7))

@@ -15,6 +15,8 @@ from engine.train_config import TrainConfig
 from engine.trainer import GRPOTrainer, TrainingError
 from models.qwen.model import unwrap
 
+pytestmark = pytest.mark.e2e
+
 TINY = json.loads((REPO / "configs/models/tiny-demo.json").read_text())
 
 

@@ -29,6 +29,7 @@ CHECKS = [
     "sampled_n_per_prompt",
     "same_on_tp_ranks",
     "logprobs_vs_trainer",
+    "eval_sampling_top_p",
     "truncation_refused",
     "sync_after_update",
     "sync_after_update/new_logprobs",
@@ -49,6 +50,7 @@ def results(session_tmp):
     return torchrun("vllm_worker.py", 2, session_tmp / "vllm_tp2", timeout=300)
 
 
+@pytest.mark.multi_rank
 @pytest.mark.parametrize("name", CHECKS)
 def test_vllm_tp2(results, name):
     check(results, name)

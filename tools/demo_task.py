@@ -14,8 +14,9 @@ A tiny random-init Qwen2 can learn it with GRPO from scratch in minutes on 2 CPU
   ends with EOS. pad, bos, eos and unk are distinct.
 * :func:`write_demo_dataset`: JSONL rows ``{"id", "problem": "3+4=", "answer": "7"}``
   with ``a + b <= 9`` (55 distinct problems), loadable by :mod:`engine.data`.
-* :func:`demo_reward`: 1.0 for exactly the answer digit, 0.5 when the completion starts
-  with it, else 0.0.
+* :func:`demo_exact` and :func:`demo_closeness`: the demo's rewards (exact answer, and a dense
+  closeness term), named by dotted path in ``configs/demo_cpu.yaml``; their metrics are
+  ``reward/demo_exact/mean`` and ``reward/demo_closeness/mean``.
 * :func:`make_demo_assets` (re)creates the committed ``assets/demo/`` files
   (``python -m tools.demo_task [out_dir]``).
 """
@@ -39,7 +40,6 @@ __all__ = [
     "demo_problems",
     "demo_closeness",
     "demo_exact",
-    "demo_reward",
     "make_demo_assets",
     "write_demo_dataset",
 ]
@@ -109,20 +109,6 @@ def write_demo_dataset(path: str | os.PathLike[str], n: int, seed: int) -> Path:
             problem, answer = pairs[rng.randrange(len(pairs))]
             fh.write(json.dumps({"id": f"demo-{i}", "problem": problem, "answer": answer}) + "\n")
     return path
-
-
-def demo_reward(completion: str, answer: str) -> float:
-    """1.0 if the completion is exactly the answer, 0.5 if it starts with it, else 0.0.
-
-    ``completion`` is the decoded text with special tokens skipped, surrounding spaces
-    ignored.
-    """
-    text = completion.strip()
-    if text == answer:
-        return 1.0
-    if text.startswith(answer):
-        return 0.5
-    return 0.0
 
 
 def demo_exact(completion: str, answer: str) -> float:

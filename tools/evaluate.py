@@ -11,8 +11,9 @@ Writes ``<out>/<task>.jsonl`` (one record per problem: id, prompt, completions, 
 gold, correct flags) and ``<out>/summary.{json,md}``, each atomically.
 
 Backends: ``megatron`` (built-in generator over the Megatron model; CPU or GPU; single process or
-torchrun with TP x DP, problems sharded over DP) and ``vllm`` (``vllm.LLM`` over an HF dir, one
-process, vLLM's own TP; a Megatron checkpoint is exported to a temporary HF dir first).
+torchrun with TP x DP, problems sharded over DP) and ``vllm`` (the engine's own vLLM generator,
+``VLLMGenerator.from_hf_dir``: one process, vLLM's own TP; a Megatron checkpoint is exported to a
+temporary HF dir first). Both load models through ``engine.model_loading``, as the trainer does.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from engine.evaluation import TASKS, EvalTask, resolve_tasks  # noqa: E402
 
-# models.qwen.checkpoint's names, repeated so that argument errors come before torch is imported
-# (tests/test_evaluation.py checks they agree).
-METADATA_FILE = "mcore_grpo.json"
+# torch-free: argument errors come before torch is imported. METADATA_FILE and ASSETS_DIR repeat
+# models.qwen.checkpoint's names (tests/test_evaluation.py checks they agree).
+from engine.model_loading import METADATA_FILE, checkpoint_kind  # noqa: E402, F401
+
 ASSETS_DIR = "hf_assets"
 
 
@@ -75,20 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def detect_model(path: str) -> str:
     """``"mcore"`` (mcore_grpo.json), ``"hf"`` (config.json), else a clear error."""
-    d = Path(path)
-    if not d.exists():
-        raise FileNotFoundError(f"--model {d} does not exist")
-    if not d.is_dir():
-        raise ValueError(
-            f"--model {d} is not a directory (expected an HF model dir or a Megatron checkpoint)"
-        )
-    if (d / METADATA_FILE).is_file():
-        return "mcore"
-    if (d / "config.json").is_file():
-        return "hf"
-    raise ValueError(
-        f"--model {d}: neither an HF model dir (no config.json) nor an mcore-grpo checkpoint (no {METADATA_FILE})"
-    )
+    return checkpoint_kind(path, "--model")
 
 
 def resolve_tokenizer(model: str, kind: str, tokenizer: str | None) -> str:
@@ -131,43 +120,41 @@ def validate(args: argparse.Namespace) -> tuple[str, str, list[EvalTask]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _safetensors_reader(hf_dir: str, cfg: Any) -> Any:
-    import inspect
-
-    from models.qwen.checkpoint import SafetensorsReader
-
-    takes_cfg = len(inspect.signature(SafetensorsReader).parameters) >= 2
-    reader = SafetensorsReader(hf_dir, cfg) if takes_cfg else SafetensorsReader(hf_dir)
-    if hasattr(reader, "check"):
-        reader.check(cfg)
-    return reader
-
-
-def build_megatron_generator(model_dir: str, kind: str, dtype_name: str, tokenizer: Any) -> tuple[Any, Any]:
-    """(MegatronGenerator, QwenConfig) over the loaded model (parallel state must be initialised)."""
+def _dtype(name: str) -> Any:
+    """``auto``: bf16 on GPU, fp32 on CPU; else the named dtype."""
     import torch
 
+    from models.qwen.config import parse_dtype
+
+    return parse_dtype(("bf16" if torch.cuda.is_available() else "fp32") if name == "auto" else name)
+
+
+def build_megatron_generator(model_dir: str, dtype_name: str, tokenizer: Any) -> tuple[Any, Any]:
+    """(MegatronGenerator, QwenConfig) over the loaded model (parallel state must be initialised)."""
+    from engine.model_loading import load_model
     from engine.rollout.megatron_generator import MegatronGenerator
-    from models.qwen.config import QwenConfig, parse_dtype
-    from models.qwen.model import build_model, load_hf_weights
 
-    dtype = parse_dtype(
-        ("bf16" if torch.cuda.is_available() else "fp32") if dtype_name == "auto" else dtype_name
-    )
-    if kind == "mcore":
-        from models.qwen.checkpoint import checkpoint_config, load_mcore_checkpoint, read_checkpoint_metadata
-
-        cfg = checkpoint_config(read_checkpoint_metadata(model_dir), f"{model_dir}/{METADATA_FILE}")
-        model = build_model(cfg, dtype, perform_initialization=False)
-        load_mcore_checkpoint(model, model_dir)
-    else:
-        cfg = QwenConfig.from_file(model_dir)
-        model = build_model(cfg, dtype, perform_initialization=False)
-        load_hf_weights(model, cfg, _safetensors_reader(model_dir, cfg))
+    model, cfg = load_model(model_dir, _dtype(dtype_name))
     model.eval()
     _check_vocab(tokenizer, cfg.vocab_size)
     eos, pad = _eos_pad(tokenizer)
     return MegatronGenerator(model, cfg.vocab_size, eos, pad), cfg
+
+
+def build_vllm_generator(hf_dir: str, args: argparse.Namespace, tokenizer: Any, max_model_len: int) -> Any:
+    """The engine's vLLM generator, standalone over ``hf_dir`` (vLLM's own TP, one process)."""
+    from engine.rollout.vllm_generator import VLLMGenerator
+    from engine.train_config import VLLMConfig
+    from models.qwen.config import HF_DTYPE_NAMES
+
+    cfg = VLLMConfig(
+        dtype=HF_DTYPE_NAMES[_dtype(args.dtype)],
+        tensor_parallel_size=args.tp,
+        max_model_len=max_model_len,
+        seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    return VLLMGenerator.from_hf_dir(hf_dir, _eos_pad(tokenizer)[0], cfg)
 
 
 def _check_vocab(tokenizer: Any, vocab_size: int) -> None:
@@ -180,63 +167,6 @@ def _eos_pad(tokenizer: Any) -> tuple[list[int], int]:
         raise ValueError("the tokenizer has no eos_token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [int(tokenizer.eos_token_id)], int(pad)
-
-
-class VLLMEvalGenerator:
-    """The :class:`engine.rollout.base.Generator` interface over an offline ``vllm.LLM`` (HF dir).
-
-    Token ids in, token ids out (``skip_tokenizer_init``: vLLM never loads the tokenizer, so the
-    transformers 5 tokenizer issue cannot bite; EOS comes from ``stop_token_ids``). Per-token
-    logprobs are not requested (evaluation does not need them): ``logprobs`` are empty lists.
-    """
-
-    def __init__(self, hf_dir: str, *, eos_token_ids: list[int], tp: int, dtype: str, max_model_len: int,
-                 seed: int, gpu_memory_utilization: float) -> None:  # fmt: skip
-        from vllm import LLM  # lazy: only the GPU path needs vLLM
-
-        self.eos = list(eos_token_ids)
-        self.weight_version = 0
-        self.llm = LLM(
-            model=hf_dir,
-            skip_tokenizer_init=True,
-            tensor_parallel_size=tp,
-            dtype="bfloat16"
-            if dtype == "auto"
-            else {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype),
-            max_model_len=max_model_len,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-        )
-
-    def sync_weights(self, model: Any, version: int) -> None:
-        raise NotImplementedError("VLLMEvalGenerator serves a fixed HF dir")
-
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Any:
-        from vllm import SamplingParams
-
-        from engine.rollout.base import GenerationOutput
-
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k if sampling.top_k > 0 else -1,
-                max_tokens=sampling.max_new_tokens,
-                seed=sampling.seed * 1_000_003 + i,
-                stop_token_ids=self.eos,
-                detokenize=False,
-            )
-            for i in range(len(prompt_ids))
-        ]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-        ids, fin = [], []
-        for o in outs:  # vLLM returns requests in input order
-            for c in sorted(o.outputs, key=lambda c: c.index):
-                ids.append(list(c.token_ids))
-                fin.append(c.finish_reason == "stop")
-        return GenerationOutput(ids, [[] for _ in ids], fin, self.weight_version,
-                                {"gen_tokens": float(sum(len(x) for x in ids))})  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +200,7 @@ def run(args: argparse.Namespace, kind: str, tok_dir: str, tasks: list[EvalTask]
         from parallel.distributed import destroy_distributed, init_distributed
 
         init_distributed(args.tp, seed=args.seed)
-        generator, cfg = build_megatron_generator(args.model, kind, args.dtype, tokenizer)
+        generator, cfg = build_megatron_generator(args.model, args.dtype, tokenizer)
         max_context = cfg.max_position_embeddings
         batch_size = args.batch_size or 32
     else:
@@ -289,13 +219,12 @@ def run(args: argparse.Namespace, kind: str, tok_dir: str, tasks: list[EvalTask]
         longest = max(
             len(ids)
             for t in tasks
-            for ids in tokenize_eval_prompts(tokenizer, [p.problem for p in load_problems(t, args.limit)])[1]
+            for ids in tokenize_eval_prompts(
+                tokenizer, [p.problem for p in load_problems(t, args.limit)], t.query_template
+            )[1]
         )
         max_context = min(cfg.max_position_embeddings, longest + args.max_new_tokens)
-        generator = VLLMEvalGenerator(
-            hf_dir, eos_token_ids=_eos_pad(tokenizer)[0], tp=args.tp, dtype=args.dtype,
-            max_model_len=max_context, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
-        )  # fmt: skip
+        generator = build_vllm_generator(hf_dir, args, tokenizer, max_context)
         batch_size = args.batch_size
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:
@@ -330,6 +259,8 @@ def run(args: argparse.Namespace, kind: str, tok_dir: str, tasks: list[EvalTask]
     finally:
         if args.backend == "megatron":
             destroy_distributed()
+        else:
+            generator.close()
         if tmp_hf is not None:
             tmp_hf.cleanup()
     return 0

@@ -2,14 +2,27 @@
 
 torchrun --standalone --nproc_per_node 4 tools/profile_throughput.py --config configs/demo_cpu.yaml \
     [--steps 5] [--warmup 1] [--mode all|train|generate] [--peak-tflops F] [--profile-steps 2] \
-    [--trace-dir D] [--out D] [key=value overrides ...]
+    [--synthetic-completions N --synthetic-prompt-length P] [--trace-dir D] [--out D] [key=value ...]
 
-Modes:
-  all       full GRPO steps (``GRPOTrainer.train_step``): rollout, reward, train
-  generate  rollouts only (the generator on a fresh prompt batch each step)
-  train     one rollout, then training passes (ref logprobs when beta > 0, forward/backward over all
-            micro-batches, DP grad sync, optimizer step) on those fixed completions with fixed random
-            advantages: the numbers do not depend on the values
+python tools/profile_throughput.py --config configs/open_rs_exp3.yaml --mode train \
+    --synthetic-completions 3584 --synthetic-prompt-length 512 --steps 1 --warmup 0 --profile-steps 0 \
+    model.config=configs/models/narrow-real-vocab.json model.dtype=fp32 parallel.tensor_parallel=1 \
+    rollout.prompts_per_step=1 batching.pack_sequences=true
+
+Modes (each step runs the phase scheduler's cycle ROLLOUT -> REWARD -> LOGPROBS -> TRAIN -> SYNC, so a
+co-located vLLM engine sleeps and wakes as in training, and calls the trainer's own phase methods):
+  all       full GRPO steps (``GRPOTrainer.train_step``)
+  generate  rollouts only (``GRPOTrainer.rollout`` on a fresh prompt batch each step; SYNC wakes the
+            generator again)
+  train     the training passes only: ``stored_logprobs`` (reference logprobs when beta > 0, old
+            ones when num_iterations > 1) and ``policy_update`` (forward/backward over all
+            micro-batches, DP grad sync, optimizer step) on fixed completions with fixed random
+            advantages: the numbers do not depend on the values. The completions come from one
+            rollout, or with ``--synthetic-completions N`` from no rollout at all: every completion
+            is N random tokens (no EOS) after a prompt of ``--synthetic-prompt-length P`` random
+            tokens; the count is the config's (``rollout.prompts_per_step`` x ``num_generations``).
+            The dataset is then not read beyond the tokenizer (a non-local ``data.path`` is replaced
+            by the bundled offline file) and the reward pool is not started.
 
 Sequence: ``--warmup`` steps (not measured), ``--steps`` measured steps (no profiler attached),
 then ``--profile-steps`` steps under ``torch.profiler`` on rank 0 (CPU activities, plus CUDA on a
@@ -24,7 +37,8 @@ Outputs (rank 0): per-step scalars through the trainer's MetricsLogger (``<loggi
 Accounting (see engine/flops.py for FLOPs per token):
 * generation tokens = completion tokens sampled; generation tokens/s = those / rollout seconds.
 * training tokens = prompt + completion tokens (no padding) of every row trained on; training
-  tokens/s = those / train seconds (the train phase includes reference/old logprobs).
+  tokens/s = those / TRAIN phase seconds (forward, backward, optimizer; the reference/old logprob
+  passes are the LOGPROBS phase, reported beside it).
 * model FLOPs: rollout = training tokens x forward (prefill of the prompt + one decode per completion
   token); train = training tokens x forward x (3 per iteration + 1 for the reference model when
   beta > 0 + 1 for old logprobs when num_iterations > 1). Counts are totals over DP replicas.
@@ -60,6 +74,9 @@ from parallel.collectives import all_reduce, all_reduce_dp, barrier, broadcast_o
 from tools.machine import describe_machine  # noqa: E402
 
 MODES = ("all", "train", "generate")
+OFFLINE_DATA = (
+    Path(__file__).resolve().parents[1] / "assets/data/deepscaler_style_aime_math.jsonl"
+)  # offline prompts
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -76,12 +93,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--trace-dir", default=None, help="profiler trace dir (default <logging.dir>/profile/trace)"
     )
     p.add_argument("--out", default=None, help="summary dir (default <logging.dir>/profile)")
+    p.add_argument(
+        "--synthetic-completions", type=int, default=None, metavar="N",
+        help="train mode without a rollout: every completion is N random tokens (no EOS)",
+    )  # fmt: skip
+    p.add_argument(
+        "--synthetic-prompt-length", type=int, default=None, metavar="P", help="synthetic prompt tokens"
+    )
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a]
     if bad:
         p.error(f"unexpected arguments {bad}: expected key=value config overrides")
     if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
         p.error("--steps must be >= 1, --warmup and --profile-steps >= 0")
+    synthetic = (args.synthetic_completions, args.synthetic_prompt_length)
+    if (synthetic[0] is None) != (synthetic[1] is None):
+        p.error("--synthetic-completions and --synthetic-prompt-length go together")
+    if synthetic[0] is not None:
+        if args.mode != "train":
+            p.error(f"--synthetic-completions needs --mode train, got --mode {args.mode}")
+        if synthetic[0] < 1 or synthetic[1] < 1:
+            p.error(f"--synthetic-completions and --synthetic-prompt-length must be >= 1, got {synthetic}")
     return args, rest
 
 
@@ -136,110 +168,111 @@ def step_accounting(m: dict[str, float]) -> dict[str, float]:
 
 # ---- one step per mode ------------------------------------------------------------------------------
 class Runner:
-    """Runs one step of the chosen mode; returns (phase seconds, token counts, metrics to log)."""
+    """Runs one step of the chosen mode through the trainer's phase scheduler and its phase methods;
+    returns phase seconds, token counts and metrics to log."""
 
-    def __init__(self, trainer, mode: str) -> None:
+    def __init__(self, trainer, mode: str, synthetic: tuple[int, int] | None = None) -> None:
         self.t = trainer
         self.mode = mode
         self.cfg = trainer.cfg
         self.ro = trainer.cfg.rollout
-        self.step = 0
-        self.fixed = None
-
-    def rollout(self, step: int):
-        G = self.ro.num_generations
-        batch = next(self.t.sampler)
-        with torch.profiler.record_function("rollout"):
-            out = self.t.generator.generate(batch.prompt_ids[::G], G, self.t.sampling(step))
-        return batch, out
+        self.synthetic = synthetic
+        self.fixed = None  # train mode: (batch, rollout, advantages) reused every step
 
     def __call__(self) -> dict[str, float]:
-        step = self.step
-        self.step += 1
+        from engine.phases import Phase
+        from engine.trainer import StepRecord
+
+        t = self.t
         if self.mode == "all":
             with torch.profiler.record_function("grpo_step"):
-                m = self.t.train_step()
+                m = t.train_step()
             return {**m, **step_accounting(m), "rows": self.ro.prompts_per_step * self.ro.num_generations}
-        if self.mode == "generate":
-            barrier()
-            t0 = time.perf_counter()
-            batch, out = self.rollout(step)
-            barrier()
-            dt = time.perf_counter() - t0
-            gen = dp_sum(sum(len(c) for c in out.completion_ids))
-            prompt = dp_sum(sum(len(p) for p in batch.prompt_ids))
-            return {
-                **ZERO_PHASES,
-                "rollout_s": dt,
-                "gen_tokens": gen,
-                "train_tokens": gen + prompt,  # rows' tokens; generate mode trains none (FLOPs only)
-                "rows": dp_sum(len(out.completion_ids)),
-                "completion/length_mean": gen / max(dp_sum(len(out.completion_ids)), 1),
-            }
-        return self.train_pass(step)
+        train = self.mode == "train"
+        rec = StepRecord(step=t.step, batch=self.fixed[0] if train and self.fixed else next(t.sampler))
+        with t.phases.phase(Phase.ROLLOUT), torch.profiler.record_function("rollout"):
+            if not train:
+                t.rollout(rec)
+            elif self.fixed is None:
+                self.fixed = self._fixed_rollout(rec)
+            if train:
+                rec.batch, rec.rollout, rec.advantages = self.fixed
+        with t.phases.phase(Phase.REWARD):  # fixed random advantages (train); generate scores nothing
+            if train:
+                from engine.rewards import RewardResult
 
-    def _fixed_rollout(self):
-        """train mode: one rollout, micro-batches and advantages built once and reused every step."""
-        from engine.batching.micro_batches import build_micro_batches, pad_rows
-
-        batch, out = self.rollout(0)
-        n = len(out.completion_ids)
-        mbs = build_micro_batches(
-            batch.prompt_ids, out.completion_ids, self.cfg.batching.micro_batch_size, self.t.pad_id,
-            self.ro.num_generations, self.cfg.batching.shared_prefix,
-        )  # fmt: skip
-        adv = torch.randn(n, generator=torch.Generator().manual_seed(self.cfg.seed))
-        for mb in mbs:
-            mb.advantages = adv[mb.rows]
-            mb.rollout_logprobs = pad_rows(out.logprobs[mb.rows], mb.completion_mask.shape[1])
-        tokens = float(sum(mb.attn.sum() for mb in mbs))
-        self.fixed = (mbs, dp_sum(tokens), dp_sum(n))
-
-    def train_pass(self, step: int) -> dict[str, float]:
-        from engine.batching.logprobs import completion_logprobs
-        from engine.trainer import accumulate_policy_grads
-
-        if self.fixed is None:
-            self._fixed_rollout()
-        mbs, tokens, rows = self.fixed
-        t, cfg = self.t, self.cfg
-        T = self.ro.temperature if self.ro.scale_logprobs_by_temperature else 1.0
-        vocab = t.qcfg.vocab_size
-        ref_model = getattr(t, "ref_model", None)
-        optimizer = getattr(t, "optimizer", None)
-        barrier()
-        t0 = time.perf_counter()
-        with torch.profiler.record_function("logprobs"), torch.no_grad():
-            for mb in mbs:
-                if ref_model is not None and cfg.loss.beta > 0:
-                    mb.ref_logprobs = completion_logprobs(ref_model, mb, vocab, T)[0]
-                if cfg.loss.num_iterations > 1:
-                    mb.old_logprobs = completion_logprobs(t.model, mb, vocab, T)[0]
-        barrier()
-        t1 = time.perf_counter()
-        with torch.profiler.record_function("train"):
-            sums: dict[str, float] = {}
-            for _ in range(cfg.loss.num_iterations):
-                t.model.zero_grad_buffer()
-                it = accumulate_policy_grads(
-                    t.model, mbs, cfg.loss, vocab, T, sampling_temperature=self.ro.temperature
-                )
-                t.model.finish_grad_sync()
-                if optimizer is not None:
-                    optimizer.step()
-                for k, v in it.items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.loss.num_iterations
-        barrier()
-        t2 = time.perf_counter()
-        return {
+                n = len(rec.completions)
+                rec.rewards = RewardResult([0.0] * n, {}, 0, 0, failed=[False] * n)
+        with t.phases.phase(Phase.LOGPROBS), torch.profiler.record_function("logprobs"):
+            if train:
+                t.stored_logprobs(rec)
+        with t.phases.phase(Phase.TRAIN), torch.profiler.record_function("train"):
+            if train:
+                t.policy_update(rec)
+        with t.phases.phase(Phase.SYNC):
+            if not train:  # wake the generator (and its weights) for the next rollout
+                t.phases.sync(t.model, t.weight_version)
+        t.step += 1
+        sec = t.phases.seconds
+        n = len(rec.completions)
+        gen = sum(len(c) for c in rec.completions)
+        rows_tokens = gen + sum(len(p) for p in rec.batch.prompt_ids)
+        out = {
             **ZERO_PHASES,
-            "logprobs_s": t1 - t0,
-            "train_s": t2 - t1,
-            "gen_tokens": 0.0,
-            "train_tokens": tokens,
-            "rows": rows,
-            **{f"loss/{k}": v for k, v in sums.items()},
+            "rows": dp_sum(n),
+            **{f"phase/{p}_peak_gib": v / 2**30 for p, v in t.phases.peak_bytes.items()},
         }
+        if not train:
+            return {
+                **out,
+                "rollout_s": sec["rollout"],
+                "gen_tokens": dp_sum(gen),
+                "train_tokens": dp_sum(rows_tokens),  # rows' tokens; generate mode trains none (FLOPs only)
+                "completion/length_mean": dp_sum(gen) / max(out["rows"], 1),
+            }
+        return {
+            **out,
+            "logprobs_s": sec["logprobs"],
+            "train_s": sec["train"],
+            "gen_tokens": 0.0,
+            "train_tokens": dp_sum(rows_tokens),
+            **{f"loss/{k}": v for k, v in t._dp_mean(rec.loss_metrics).items()},  # DP mean, as train_step
+        }
+
+    def _fixed_rollout(self, rec):
+        """train mode: the completions (one rollout, or synthetic) and advantages, built once."""
+        from engine.rollout.base import GenerationOutput
+
+        if self.synthetic is None:
+            self.t.rollout(rec)
+            out = rec.rollout
+        else:
+            C, P = self.synthetic
+            t, G = self.t, self.ro.num_generations
+            g = torch.Generator().manual_seed(self.cfg.seed + 1000 * (t.step + 1))
+            special = {t.eos_id, t.pad_id}
+            vocab = len(t.tokenizer)
+
+            def tokens(k: int) -> list[int]:
+                ids = torch.randint(0, vocab, (k,), generator=g).tolist()
+                return [x if x not in special else (x + 1) % vocab for x in ids]
+
+            # the global batch (every DP rank's rows, the same at any layout), then this rank's share
+            from parallel.distributed import dp_rank, dp_size
+
+            n = len(rec.batch.prompt_ids)
+            prompts = [tokens(P) for _ in range(n * dp_size() // G)]
+            comps = [tokens(C) for _ in range(n * dp_size())]
+            lo = dp_rank() * n
+            rec.batch.prompt_ids = [p for p in prompts for _ in range(G)][lo : lo + n]
+            comps = comps[lo : lo + n]
+            out = GenerationOutput(comps, [[0.0] * C for _ in comps], [False] * n, t.weight_version)
+        from parallel.distributed import dp_rank, dp_size
+
+        n = len(out.completion_ids)  # this rank's slice of the global batch's advantages
+        adv = torch.randn(n * dp_size(), generator=torch.Generator().manual_seed(self.cfg.seed))
+        adv = adv[dp_rank() * n : (dp_rank() + 1) * n]
+        return rec.batch, out, adv
 
 
 # ---- the summary ------------------------------------------------------------------------------
@@ -273,7 +306,7 @@ def summarise(
         "tp": cfg.parallel.tensor_parallel,
         "dp": _world() // cfg.parallel.tensor_parallel,
         "dtype": cfg.model.dtype,
-        "model": cfg.model.config or cfg.model.hf_checkpoint,
+        "model": cfg.model.architecture_file,
         "prompts_per_step": cfg.rollout.prompts_per_step,
         "num_generations": cfg.rollout.num_generations,
         "max_completion_length": cfg.rollout.max_completion_length,
@@ -300,6 +333,8 @@ def summarise(
         "mfu": rate(step_flops, wall) / peak_total,
         **mem,
     }
+    out["last_step_loss"] = {k: v for k, v in steps[-1].items() if k.startswith("loss/")}  # may be < 0
+    out["last_step_phase_peak_gib"] = {k: v for k, v in steps[-1].items() if k.endswith("_peak_gib")}
     for p in ("rollout", "train"):
         out[f"achieved_tflops_{p}"] = rate(flops[p], tot[f"{p}_s"]) / 1e12
         out[f"mfu_{p}"] = rate(flops[p], tot[f"{p}_s"]) / peak_total
@@ -356,6 +391,14 @@ def resolve_peak(args, cfg: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     args, overrides = parse_args(argv)
     cfg = load_config(TrainConfig, args.config, overrides)
+    synthetic = None
+    if args.synthetic_completions is not None:
+        synthetic = (args.synthetic_completions, args.synthetic_prompt_length)
+        extra = [f"rollout.max_completion_length={synthetic[0]}", "rewards.num_workers=0"]
+        if not Path(cfg.data.path).exists():  # a hub dataset: the prompts are synthetic anyway
+            extra += [f"data.path={OFFLINE_DATA}", "data.answer_column=answer"]
+        overrides = [*extra, *overrides]
+        cfg = load_config(TrainConfig, args.config, overrides)
     total = args.warmup + args.steps + args.profile_steps
     if cfg.max_steps < total:  # the LR schedule length must cover the steps we run
         cfg = load_config(TrainConfig, args.config, [*overrides, f"max_steps={total}"])
@@ -370,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     trace_dir = Path(args.trace_dir or out_dir / "trace")
     try:
         peak = resolve_peak(args, cfg)
-        runner = Runner(trainer, args.mode)
+        runner = Runner(trainer, args.mode, synthetic)
         step_no = 0
 
         def one(measure: bool):

@@ -17,6 +17,10 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 64
     seed: int = 0
+    # Whether the caller needs each sampled token's logprob (training: yes; evaluation: no). A generator
+    # may skip computing them when False (GenerationOutput.logprobs are then empty lists), and the vLLM
+    # generator's top-p/top-k guard (renormalised logprobs) only applies when they are needed.
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

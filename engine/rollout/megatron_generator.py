@@ -1,35 +1,65 @@
-"""The built-in rollout generator: the training model itself, decoding with a KV cache.
+"""The built-in rollout generator: the training model itself, decoding with continuous batching.
 
-The built-in generator drives the
-training model itself through Megatron-Core's own KV-cache path (a ``StaticInferenceContext``
-passed to ``GPTModel.forward``; megatron.core.inference's engines hard-code CUDA, the model path
-does not). All TP ranks run in lock step: logits are gathered over TP and the sampled tokens are
-broadcast from TP rank 0.
+``generate(prompts, n, sampling)`` runs ``len(prompts) * n`` rows through a fixed number of decode
+slots (``DecodeConfig.max_batch_rows``; default: all rows at once). Prompts wait in a queue; one is
+admitted when ``n`` slots are free: it is prefilled once and its K/V written to its ``n`` slots (the
+shared-prompt fan-out). Every step decodes all occupied slots together, whatever their lengths
+(``engine.rollout.decode``). Every ``sync_every`` steps the host reads the done flags: finished rows
+leave (rows from the end move into their slots, so the batch stays a prefix of the slots) and queued
+prompts join. Between those reads nothing waits for the device: finished rows keep decoding
+harmlessly until the next read, and a non-finite logit is recorded on the device with its step.
+
+All TP ranks run in lock step: sampling reduces per-row statistics over TP
+(``engine.rollout.sampling``) so every rank draws the same token, and every host decision depends on
+those shared values only.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from engine.rollout.base import GenerationOutput, SamplingConfig
-from engine.rollout.sampling import sample_next
+from engine.rollout.decode import DecodeModel
+from engine.rollout.sampling import VocabShard, sample_next, vocab_shard
 from engine.seeds import derive_seed
-from models.qwen.model import attention_mask, unwrap
-from parallel.collectives import broadcast_tp
+from models.qwen.model import unwrap
+
+
+@dataclass
+class DecodeConfig:
+    max_batch_rows: int = 0  # decode slots (KV cache rows); 0 = every row of a generate() call at once
+    sync_every: int = 0  # decode steps between host reads of the done flags; 0 = 1 on CPU, 16 on GPU
+    max_prefill_tokens: int = 16384  # padded prompt tokens per prefill forward (at least one prompt)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_rows < 0:
+            raise ValueError(f"decode.max_batch_rows must be >= 0 (0 = all rows), got {self.max_batch_rows}")
+        if self.sync_every < 0:
+            raise ValueError(f"decode.sync_every must be >= 0 (0 = auto), got {self.sync_every}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"decode.max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
 
 
 class MegatronGenerator:
-    """Built-in generator over the (TP-sharded) training model, batched with a static KV cache."""
+    """Built-in generator over the (TP-sharded) training model: slot KV cache, continuous batching."""
 
     def __init__(
-        self, model: torch.nn.Module, vocab_size: int, eos_token_ids: list[int], pad_token_id: int
+        self,
+        model: torch.nn.Module,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        decode: DecodeConfig | None = None,
     ) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
         self.pad_token_id = pad_token_id
+        self.decode = decode or DecodeConfig()
         self.weight_version = 0
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
@@ -43,69 +73,155 @@ class MegatronGenerator:
         was_training = gpt.training
         gpt.eval()
         try:
-            return self._generate(gpt, prompt_ids, n, sampling)
+            return _Run(self, DecodeModel(gpt), prompt_ids, n, sampling).run()
         finally:
             gpt.train(was_training)
 
-    def _generate(
-        self, gpt: torch.nn.Module, prompts: list[list[int]], n: int, sampling: SamplingConfig
-    ) -> GenerationOutput:
-        """Rows are the n samples of each prompt, consecutively. Each prompt is prefilled ONCE (its KV
-        cache and last logits then copied to its n rows), as vLLM's prefix caching would."""
-        device = next(gpt.parameters()).device
-        U, S, N = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
-        B = U * n
-        ids = torch.full((U, S), self.pad_token_id, dtype=torch.long)
-        pad = torch.ones(U, S + N, dtype=torch.bool)  # True = attend; prompts are left-padded
-        pad[:, :S] = False
+
+class _Run:
+    """One ``generate`` call: slot state on the device, the queue and the slot count on the host."""
+
+    def __init__(
+        self,
+        g: MegatronGenerator,
+        dm: DecodeModel,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+    ) -> None:
+        if n < 1:
+            raise ValueError(f"generate: n (samples per prompt) must be >= 1, got {n}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        N = sampling.max_new_tokens
+        context = dm.gpt.max_sequence_length
         for i, p in enumerate(prompts):
-            ids[i, S - len(p) :] = torch.tensor(p)
-            pad[i, S - len(p) :] = True
-        ids, pad = ids.to(device), pad.to(device)
-        # Same stream on the TP ranks of a DP replica, distinct across replicas; the trainer varies
-        # sampling.seed per step so a resumed run draws what an uninterrupted one would. Sampling stays
-        # on the model's device: on a GPU, host-side sampling over a 152k vocab (torchrun runs one
-        # thread per rank) cost ~0.3 s per token and dominated a 1.5B rollout (H200, measured).
-        gen = torch.Generator(device=device).manual_seed(
-            derive_seed(sampling.seed, parallel_state.get_data_parallel_rank())
-        )
-        ctx = StaticInferenceContext(B, S + N)
-        tokens = torch.full((B, N), self.pad_token_id, dtype=torch.long, device=device)
-        logps = torch.zeros(B, N, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = torch.full((B,), N, dtype=torch.long, device=device)
-        eos = self.eos.to(device)
-        inp, pos, mask = ids, torch.arange(S, device=device)[None].expand(U, S), attention_mask(pad[:, :S])
-        for t in range(N):
-            logits = gpt(inp, pos, mask, inference_context=ctx, runtime_gather_output=True)
-            ctx.sequence_len_offset += inp.shape[1]
-            last = logits[:, -1, : self.vocab_size].float()  # padded vocab never sampled
-            if t == 0 and n > 1:  # prefill ran on the U prompts: fan out to their n samples
-                last = last.repeat_interleave(n, dim=0)
-                pad = pad.repeat_interleave(n, dim=0)
-                for k_cache, v_cache in ctx.key_value_memory_dict.values():  # [seq, batch, heads, dim]
-                    k_cache[:S, :B] = k_cache[:S, :U].repeat_interleave(n, dim=1)
-                    v_cache[:S, :B] = v_cache[:S, :U].repeat_interleave(n, dim=1)
-            if not bool(torch.isfinite(last).all()):
-                raise FloatingPointError(
-                    f"generator: non-finite logits at decode step {t} (weight version {self.weight_version})"
+            if len(p) + N > context:
+                raise ValueError(
+                    f"generate: prompt {i} has {len(p)} tokens + max_new_tokens {N} = {len(p) + N}, "
+                    f"more than the model's context {context}"
                 )
-            tok, lp = sample_next(last, sampling, gen)
-            tok = broadcast_tp(tok)  # TP ranks see identical logits; this makes lock step certain
-            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
-            tokens[:, t], logps[:, t] = tok, torch.where(done, torch.zeros_like(lp), lp)
-            hit_eos = ~done & torch.isin(tok, eos)
-            lengths = torch.where(hit_eos, torch.full_like(lengths, t + 1), lengths)
-            done |= hit_eos
-            if bool(done.all()):
-                break
-            inp = tok[:, None]
-            pos = torch.full((B, 1), S + t, device=device)
-            mask = ~pad[:, : S + t + 1][:, None, None, :]
-        tokens, logps, done, lengths = tokens.cpu(), logps.cpu(), done.cpu(), lengths.cpu()
-        finished = done.tolist()
-        out_ids = [tokens[i, : lengths[i]].tolist() for i in range(B)]
-        out_lp = [logps[i, : lengths[i]].tolist() for i in range(B)]
+        self.g, self.dm, self.prompts, self.n, self.sampling = g, dm, prompts, n, sampling
+        cfg = g.decode
+        rows = len(prompts) * n
+        self.slots = min(rows, cfg.max_batch_rows) if cfg.max_batch_rows else rows
+        if self.slots < n:
+            raise ValueError(
+                f"decode.max_batch_rows={cfg.max_batch_rows} must be >= n={n} (one prompt's rows)"
+            )
+        dev = self.device = dm.device
+        self.sync_every = cfg.sync_every or (16 if dev.type == "cuda" else 1)
+        self.max_len = max(len(p) for p in prompts) + N
+        self.cache = dm.allocate(self.slots, self.max_len)
+        # Same stream on the TP ranks of a DP replica, distinct across replicas; the trainer varies
+        # sampling.seed per step so a resumed run draws what an uninterrupted one would.
+        self.seed = derive_seed(sampling.seed, parallel_state.get_data_parallel_rank())
+        self.shard: VocabShard | None = None
+        self.eos = g.eos.to(dev)
+        long = dict(dtype=torch.long, device=dev)
+        self.out_tok = torch.full((rows, N), g.pad_token_id, **long)
+        self.out_lp = torch.zeros(rows, N, device=dev)
+        self.lengths = torch.zeros(rows, **long)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=dev)
+        # Per slot: output row, next write position (= cached length), tokens generated, last token.
+        self.row, self.pos, self.step, self.last = (torch.zeros(self.slots, **long) for _ in range(4))
+        self.done = torch.ones(self.slots, dtype=torch.bool, device=dev)
+        self.bad_step = torch.full((), -1, **long)
+        self.t = 0  # decode steps so far (prefill logits count as the current step)
+
+    def _record(self, lo: int, hi: int, logits: torch.Tensor) -> None:
+        """Sample the next token of slots [lo, hi) from their logits; write outputs of live rows only."""
+        if self.shard is None:
+            self.shard = vocab_shard(self.g.vocab_size, logits.shape[-1])
+        row, step, done = self.row[lo:hi], self.step[lo:hi], self.done[lo:hi]
+        d = sample_next(logits, self.sampling, self.seed, row, step, self.shard)
+        live = ~done
+        bad = (live & ~d.finite).any()
+        self.bad_step = torch.where((self.bad_step < 0) & bad, self.t, self.bad_step)
+        tok = d.tokens.clamp(0, self.g.vocab_size - 1)
+        col = step.clamp_max(self.sampling.max_new_tokens - 1)
+        self.out_tok[row, col] = torch.where(live, tok, self.out_tok[row, col])
+        self.out_lp[row, col] = torch.where(live, d.logprobs, self.out_lp[row, col])
+        eos = live & torch.isin(tok, self.eos)
+        self.lengths[row] = torch.where(live, step + 1, self.lengths[row])
+        self.finished[row] |= eos
+        self.done[lo:hi] = done | eos | (step + 1 >= self.sampling.max_new_tokens)
+        self.step[lo:hi] = step + live
+        self.last[lo:hi] = torch.where(live, tok, self.last[lo:hi])
+
+    def _admit(self, active: int, queue: deque[int]) -> int:
+        """Prefill queued prompts into free slots from ``active`` on; returns the new active count."""
+        n, budget = self.n, self.g.decode.max_prefill_tokens
+        while queue and active + n <= self.slots:
+            take: list[int] = []
+            while queue and active + (len(take) + 1) * n <= self.slots:
+                longest = max(len(self.prompts[i]) for i in [*take, queue[0]])
+                if take and (len(take) + 1) * longest > budget:
+                    break
+                take.append(queue.popleft())
+            S = max(len(self.prompts[i]) for i in take)
+            ids = torch.full((len(take), S), self.g.pad_token_id, dtype=torch.long)
+            for j, i in enumerate(take):
+                ids[j, S - len(self.prompts[i]) :] = torch.tensor(self.prompts[i])
+            lens = torch.tensor([len(self.prompts[i]) for i in take], device=self.device)
+            lo, hi = active, active + len(take) * n
+            slots = torch.arange(lo, hi, device=self.device).view(len(take), n)
+            logits = self.dm.prefill(self.cache, ids.to(self.device), lens, slots)
+            first = torch.tensor(take, device=self.device)[:, None] * n
+            self.row[lo:hi] = (first + torch.arange(n, device=self.device)).reshape(-1)
+            self.pos[lo:hi] = lens.repeat_interleave(n)
+            self.step[lo:hi] = 0
+            self.done[lo:hi] = False
+            self._record(lo, hi, logits.repeat_interleave(n, dim=0))
+            active = hi
+        return active
+
+    def _sync(self, active: int) -> tuple[int, int]:
+        """Read the done flags (one host transfer), drop finished rows; returns (active, max position)."""
+        flags = torch.cat([self.bad_step[None], self.done[:active].long(), self.pos[:active]]).tolist()
+        if flags[0] >= 0:
+            raise FloatingPointError(
+                f"generator: non-finite logits at decode step {flags[0]} "
+                f"(weight version {self.g.weight_version})"
+            )
+        done, pos = flags[1 : 1 + active], flags[1 + active :]
+        alive = [i for i in range(active) if not done[i]]
+        new = len(alive)
+        holes = [i for i in range(new) if done[i]]
+        movers = [i for i in alive if i >= new]  # as many as holes
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            self.cache.move(src, dst, max(pos[i] for i in movers))
+            for t in (self.row, self.pos, self.step, self.last, self.done):
+                t[dst] = t[src]
+        return new, max((pos[i] for i in alive), default=0)
+
+    def run(self) -> GenerationOutput:
+        queue = deque(range(len(self.prompts)))
+        active = 0
+        while True:
+            active, pos_max = self._sync(active)
+            if queue and active + self.n <= self.slots:
+                active = self._admit(active, queue)
+                active, pos_max = self._sync(active)
+            if active == 0:
+                if not queue:
+                    break
+                continue  # every admitted row finished at its first token: admit more
+            for _ in range(self.sync_every):
+                self.t += 1
+                span = min(pos_max + 1, self.max_len)
+                logits = self.dm.decode(self.cache, self.last[:active], self.pos[:active], span)
+                self._record(0, active, logits)
+                self.pos[:active] += ~self.done[:active]
+                pos_max = min(pos_max + 1, self.max_len - 1)
+        lengths = self.lengths.cpu()
+        tokens, logps = self.out_tok.cpu(), self.out_lp.cpu()
         return GenerationOutput(
-            out_ids, out_lp, finished, self.weight_version, {"gen_tokens": float(lengths.sum())}
+            [tokens[i, : lengths[i]].tolist() for i in range(len(lengths))],
+            [logps[i, : lengths[i]].tolist() for i in range(len(lengths))],
+            self.finished.cpu().tolist(),
+            self.g.weight_version,
+            {"gen_tokens": float(lengths.sum())},
         )

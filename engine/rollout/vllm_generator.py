@@ -51,8 +51,14 @@ under the temperature-scaled distribution AFTER top-k/top-p, i.e. renormalised o
 With top_p = 1 and top_k = 0 (the open-rs recipe) that is exactly the trainer's convention (the
 full temperature-scaled distribution, ``engine.rollout.sampling.sample_next``); with truncation it is
 biased (trl #6789), so ``generate`` refuses top_p < 1 / top_k > 0 unless
-``allow_renormalized_logprobs`` is set. Greedy (T=0) reports the T=1 logprob, as the built-in does.
-vLLM's default ``raw_logprobs`` would ignore the temperature (trl #4159).
+``allow_renormalized_logprobs`` is set, or the caller needs no logprobs (``SamplingConfig.logprobs =
+False``: evaluation, whose open-rs sampling uses top_p 0.95; none are then requested or returned).
+Greedy (T=0) reports the T=1 logprob, as the built-in does. vLLM's default ``raw_logprobs`` would
+ignore the temperature (trl #4159).
+
+Standalone (``VLLMGenerator.from_hf_dir``, used by ``tools/evaluate.py --backend vllm``): the same
+class over an engine of its own, outside any Megatron world (vLLM's own executor and TP), serving
+the weights of an HF dir as weight version 0; ``sync_weights`` is refused there.
 
 Sampling seeds: each prompt gets its own vLLM seed, a hash of (sampling.seed, DP rank, the
 prompt's index in the replica); its n samples use seed + j (vLLM's child seeds). One seed for all
@@ -66,6 +72,7 @@ sizing, eager mode, vLLM TP); the weight-loading API (and its recovery after a f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -179,26 +186,38 @@ class VLLMGenerator:
         eos_token_ids: list[int],
         cfg: VLLMConfig | None = None,
         model_dir: str | os.PathLike | None = None,
+        *,
+        standalone: bool = False,
     ) -> None:
-        if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
-            raise RuntimeError(
-                "VLLMGenerator needs torch.distributed and Megatron parallel_state (init_distributed)"
-            )
+        """Co-located (default): one engine per rank of the Megatron world, weights from ``sync_weights``.
+        ``standalone``: one engine of its own (vLLM's executor and TP, ``cfg.tensor_parallel_size``) over
+        the weights in ``model_dir``, served as version 0; see :meth:`from_hf_dir`."""
+        self.standalone = standalone
+        if standalone:
+            if model_dir is None:
+                raise ValueError("a standalone VLLMGenerator serves the weights of model_dir: give one")
+            self.tp_group, self.tp_size, self.tp_rank, self.dp_rank = None, 1, 0, 0
+        else:
+            if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+                raise RuntimeError(
+                    "VLLMGenerator needs torch.distributed and Megatron parallel_state (init_distributed)"
+                )
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
+            self.tp_size = dist.get_world_size(self.tp_group)
+            self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+            self.dp_rank = parallel_state.get_data_parallel_rank()
         self.qcfg = qcfg
         self.cfg = cfg or VLLMConfig()
         self.eos = sorted(set(eos_token_ids))
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.tp_size = dist.get_world_size(self.tp_group)
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
         self.weight_version: int | None = None  # version the engine holds (None: no valid weights)
         self.target_version: int | None = None  # last version the trainer synced
         self.asleep: set[str] = set()  # released allocations: "weights", "kv_cache"
         self.stats: dict[str, float] = {}
 
-        # external_launcher reads the torchrun environment; a single process (no torchrun) has none.
-        os.environ.setdefault("RANK", str(dist.get_rank()))
-        os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(torch.cuda.device_count(), 1)))
+        if not standalone:
+            # external_launcher reads the torchrun environment; a single process (no torchrun) has none.
+            os.environ.setdefault("RANK", str(dist.get_rank()))
+            os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(torch.cuda.device_count(), 1)))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -220,12 +239,13 @@ class VLLMGenerator:
             seed=c.seed,
             max_model_len=c.max_model_len,
             tensor_parallel_size=c.tensor_parallel_size,
-            distributed_executor_backend="external_launcher",
+            # co-located: each rank's engine in its own process of the torchrun world; standalone: vLLM's own
+            **({} if standalone else {"distributed_executor_backend": "external_launcher"}),
             logprobs_mode="processed_logprobs",
             generation_config="vllm",  # no sampling defaults or extra stop ids from generation_config.json
             enable_prefix_caching=c.enable_prefix_caching,
             **({"max_num_seqs": c.max_num_seqs} if c.max_num_seqs else {}),
-            **_platform_engine_kwargs(c, self.on_cpu, self.tp_size),
+            **_platform_engine_kwargs(c, self.on_cpu, c.tensor_parallel_size if standalone else self.tp_size),
         )
         kwargs.update(c.extra_engine_kwargs)
         t0 = time.perf_counter()
@@ -235,7 +255,21 @@ class VLLMGenerator:
         self.max_model_len = int(mc.max_model_len)
         self.engine_dtype: torch.dtype = mc.dtype
         self.sleep_mode = bool(c.enable_sleep_mode)  # requested; CPU calls are real vLLM no-ops
-        self._set_engine_label(_INVALID if c.load_format == "dummy" else "initial")
+        if standalone:  # the weights on disk are the only version this engine will ever serve
+            self.weight_version = self.target_version = 0
+            self._set_engine_label("0")
+        else:
+            self._set_engine_label(_INVALID if c.load_format == "dummy" else "initial")
+
+    @classmethod
+    def from_hf_dir(
+        cls, hf_dir: str | os.PathLike, eos_token_ids: list[int], cfg: VLLMConfig | None = None
+    ) -> VLLMGenerator:
+        """A standalone engine over the weights of an HF safetensors dir, served as weight version 0
+        (``tools/evaluate.py --backend vllm``): no Megatron state needed, vLLM's own TP
+        (``cfg.tensor_parallel_size``), no sleep mode, ``sync_weights`` refused."""
+        cfg = dataclasses.replace(cfg or VLLMConfig(), load_format="auto", enable_sleep_mode=False)
+        return cls(QwenConfig.from_file(hf_dir), eos_token_ids, cfg, model_dir=hf_dir, standalone=True)
 
     # ---- versions --------------------------------------------------------------------------
     def _set_engine_label(self, label: str) -> None:
@@ -272,6 +306,8 @@ class VLLMGenerator:
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         """Stream the trainer's weights into the engine in place and record ``version`` (all TP ranks)."""
+        if self.standalone:
+            raise NotImplementedError(f"this vLLM engine serves the fixed weights of {self.model_dir}")
         t0 = time.perf_counter()
         self.target_version = version
         self.weight_version = None
@@ -320,11 +356,13 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         version = self._check_ready(weight_version)
-        if (sampling.top_p < 1.0 or sampling.top_k > 0) and not self.cfg.allow_renormalized_logprobs:
+        truncated = sampling.top_p < 1.0 or sampling.top_k > 0
+        if sampling.logprobs and truncated and not self.cfg.allow_renormalized_logprobs:
             raise ValueError(
                 f"top_p={sampling.top_p} / top_k={sampling.top_k}: vLLM's sampling logprobs are renormalised "
                 "over the top-p/top-k set, not the full distribution the trainer scores (trl #6789); set "
-                "vllm.allow_renormalized_logprobs=true to accept that"
+                "vllm.allow_renormalized_logprobs=true to accept that (evaluation, which needs no "
+                "logprobs, sets SamplingConfig.logprobs=false instead)"
             )
         longest = max((len(p) for p in prompt_ids), default=0)
         if longest + sampling.max_new_tokens > self.max_model_len:
@@ -349,7 +387,7 @@ class VLLMGenerator:
                         top_p=sampling.top_p,
                         top_k=sampling.top_k,
                         max_tokens=sampling.max_new_tokens,
-                        logprobs=0,  # the sampled token's logprob only
+                        logprobs=0 if sampling.logprobs else None,  # the sampled token's logprob only
                         seed=seed + j,
                         stop_token_ids=self.eos,
                         detokenize=False,
@@ -364,7 +402,10 @@ class VLLMGenerator:
                 self._check_spans(c, version)
                 toks = list(c.token_ids)
                 ids.append(toks)
-                lps.append([float(d[t].logprob) for d, t in zip(c.logprobs, toks, strict=True)])
+                if sampling.logprobs:
+                    lps.append([float(d[t].logprob) for d, t in zip(c.logprobs, toks, strict=True)])
+                else:
+                    lps.append([])
                 fin.append(c.finish_reason == "stop")
         if split:
             parts: list[Any] = [None] * self.tp_size
@@ -377,7 +418,7 @@ class VLLMGenerator:
         dt = time.perf_counter() - t0
         tokens = float(sum(len(x) for x in ids))
         stats = {"gen_tokens": tokens, "vllm/gen_s": dt, "vllm/gen_tokens_per_s": tokens / max(dt, 1e-9)}
-        if sampling.top_p < 1.0 or sampling.top_k > 0:
+        if sampling.logprobs and truncated:
             stats["vllm/logprobs_renormalized"] = 1.0
         return GenerationOutput(ids, lps, fin, version, stats)
 

@@ -47,6 +47,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
+from models.atomic_io import partial_dir, remove_stale_partials
 from models.qwen.config import DTYPES, HF_DTYPE_NAMES, QwenConfig, parse_dtype
 from models.qwen.hf_mapping import (
     Rule,
@@ -122,24 +123,6 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Delete ``<out>.tmp-<pid>`` left by a killed run (its pid is gone)."""
-    for p in out.parent.glob(f"{out.name}.tmp-*"):
-        m = re.fullmatch(re.escape(out.name) + r"\.tmp-(\d+)", p.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def atomic_output_dir(
     out_dir: str | Path, *, overwrite: bool = False, collective: bool = True
@@ -156,8 +139,8 @@ def atomic_output_dir(
     tmp: Path | None = None
     if lead:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(out)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        remove_stale_partials(out.parent, out.name)  # a killed run's <out>.tmp-<pid>
+        tmp = partial_dir(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     if collective:

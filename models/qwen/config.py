@@ -33,6 +33,78 @@ class ConfigKeyError(ValueError):
     """A required key is missing from, or invalid in, an HF config.json."""
 
 
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = (None, "uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # Megatron 0.16.1's dense-model choices
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """How activations are laid out and kept in training (Megatron-Core's names and meanings).
+
+    - ``sequence_parallel``: between tensor-parallel regions (norms, residuals, dropout) the
+      activations are sharded over the TP ranks along the sequence. A no-op at TP=1.
+    - ``recompute_granularity``: ``None``; ``"selective"`` (recompute ``recompute_modules`` in the
+      backward, e.g. ``["core_attn"]``); ``"full"`` (keep only each recompute unit's input:
+      ``recompute_method`` ``"uniform"`` = units of ``recompute_num_layers`` layers, ``"block"`` =
+      the first ``recompute_num_layers`` layers one by one).
+    """
+
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: tuple[str, ...] = ("core_attn",)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, got: Any, want: str) -> ValueError:
+            return ValueError(f"{key}={got!r} is invalid: expected {want}")
+
+        if not isinstance(self.sequence_parallel, bool):
+            raise bad("sequence_parallel", self.sequence_parallel, "true or false")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise bad("recompute_granularity", self.recompute_granularity, "null, 'selective' or 'full'")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise bad("recompute_method", self.recompute_method, "null, 'uniform' or 'block'")
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise bad(
+                "recompute_modules", list(self.recompute_modules), f"a subset of {list(RECOMPUTE_MODULES)}"
+            )
+        if self.recompute_granularity == "full":
+            if self.recompute_method is None or not isinstance(self.recompute_num_layers, int):
+                raise ValueError(
+                    "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and "
+                    f"recompute_num_layers (an int >= 1), got {self.recompute_method!r} and "
+                    f"{self.recompute_num_layers!r}"
+                )
+            if self.recompute_num_layers < 1:
+                raise bad("recompute_num_layers", self.recompute_num_layers, "an int >= 1")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError(
+                "recompute_method / recompute_num_layers apply to recompute_granularity='full' only, "
+                f"got recompute_granularity={self.recompute_granularity!r}"
+            )
+        if self.recompute_granularity == "selective" and not self.recompute_modules:
+            raise bad("recompute_modules", [], "at least one module with recompute_granularity='selective'")
+
+    def megatron_kwargs(self, tp: int, num_layers: int) -> dict[str, Any]:
+        """TransformerConfig fields for these options at tensor parallel ``tp``."""
+        if self.recompute_granularity == "full" and self.recompute_num_layers > num_layers:
+            raise ValueError(
+                f"recompute_num_layers={self.recompute_num_layers} exceeds the model's {num_layers} layers"
+            )
+        kw: dict[str, Any] = {"sequence_parallel": self.sequence_parallel and tp > 1}
+        if self.recompute_granularity is not None:
+            kw.update(
+                recompute_granularity=self.recompute_granularity,
+                recompute_method=self.recompute_method,
+                recompute_num_layers=self.recompute_num_layers,
+                recompute_modules=list(self.recompute_modules),
+            )
+        return kw
+
+
 @dataclass(frozen=True)
 class QwenConfig:
     """The fields of an HF Qwen2 config that define the network (all that Megatron needs)."""
@@ -51,6 +123,7 @@ class QwenConfig:
     head_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    pad_token_id: int | None = None  # HF: nn.Embedding(padding_idx=...): that row's lookup never trains
     torch_dtype: str = "bfloat16"
     # The untouched HF dict, written back on export so nothing the user had is lost.
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -104,6 +177,7 @@ class QwenConfig:
             head_dim=d.get("head_dim"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             hf_config=dict(d),
         )
@@ -177,11 +251,14 @@ class QwenConfig:
         params_dtype: torch.dtype = torch.float32,
         use_cpu_initialization: bool | None = None,
         perform_initialization: bool = True,
+        activations: ActivationOptions | None = None,
     ):
-        """The Megatron-Core TransformerConfig for this architecture at tensor parallel ``tp``."""
+        """The Megatron-Core TransformerConfig for this architecture at tensor parallel ``tp``, with
+        ``activations`` (sequence parallelism, recomputation; default: neither)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.check_tp(tp)
+        extra = (activations or ActivationOptions()).megatron_kwargs(tp, self.num_hidden_layers)
         on_gpu = torch.cuda.is_available()
         return TransformerConfig(
             num_layers=self.num_hidden_layers,
@@ -215,4 +292,5 @@ class QwenConfig:
             persist_layer_norm=False,
             gradient_accumulation_fusion=False,
             attention_softmax_in_fp32=True,
+            **extra,
         )

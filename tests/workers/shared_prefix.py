@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from common import Results, tiny_hf_model
 
-import engine.trainer as trainer_mod
-from engine.batching.logprobs import completion_logprobs, token_entropy
+import engine.batching.logprobs as trainer_mod  # where the packed forward's layout and mask are used
+from engine.batching.logprobs import completion_logprobs
 from engine.batching.micro_batches import build_micro_batches
 from engine.loss import LossConfig
 from engine.trainer import accumulate_policy_grads
@@ -117,11 +117,10 @@ def check_logprobs(res: Results, models: dict[str, torch.nn.Module], V: int) -> 
         for name, model in models.items():
             worst_lp = worst_ent = 0.0
             for a, b in zip(plain, packed, strict=True):
-                lp_a, lg_a = completion_logprobs(model, a, V)
-                lp_b, lg_b = completion_logprobs(model, b, V)
+                lp_a, ent_a = completion_logprobs(model, a, V, with_entropy=True)
+                lp_b, ent_b = completion_logprobs(model, b, V, with_entropy=True)
                 m = a.completion_mask
                 worst_lp = max(worst_lp, masked_max_abs(lp_a, lp_b, m))
-                ent_a, ent_b = token_entropy(lg_a, V).cpu(), token_entropy(lg_b, V).cpu()
                 worst_ent = max(worst_ent, masked_max_abs(ent_a, ent_b, m))
             res.record(f"sp/logprobs_{name}", worst_lp <= 1e-5, max_abs=worst_lp)
             res.record(f"sp/entropy_{name}", worst_ent <= 1e-5, max_abs=worst_ent)
@@ -136,7 +135,7 @@ def check_logprobs(res: Results, models: dict[str, torch.nn.Module], V: int) -> 
                 for a, b in zip(plain, packed, strict=True)
             )  # fmt: skip
 
-    layout, tree = trainer_mod.shared_prefix_layout, trainer_mod.prefix_tree_attention_mask
+    layout, tree = trainer_mod.shared_prefix_layout, trainer_mod.prefix_tree_segments
     try:
         trainer_mod.shared_prefix_layout = lambda P, G_, C: (
             torch.arange(P + G_ * C),
@@ -144,10 +143,11 @@ def check_logprobs(res: Results, models: dict[str, torch.nn.Module], V: int) -> 
         )
         bad_pos = packed_diff()
         trainer_mod.shared_prefix_layout = layout
-        trainer_mod.prefix_tree_attention_mask = lambda pad, segments: attention_mask(pad)
+        # No branches: one causal sequence per row, so each completion slot sees the slots before it.
+        trainer_mod.prefix_tree_segments = lambda pad, segments: (torch.where(pad, 0, -1), None)
         bad_mask = packed_diff()
     finally:
-        trainer_mod.shared_prefix_layout, trainer_mod.prefix_tree_attention_mask = layout, tree
+        trainer_mod.shared_prefix_layout, trainer_mod.prefix_tree_segments = layout, tree
     res.record("sp/control_packed_offsets_differ", bad_pos > 1e-3, max_abs=bad_pos)
     res.record("sp/control_slots_see_each_other_differ", bad_mask > 1e-3, max_abs=bad_mask)
 

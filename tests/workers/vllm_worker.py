@@ -8,6 +8,7 @@ Megatron: the padding must be stripped on the way to vLLM). Checks, in order:
   sampled_n_per_prompt     n samples per prompt, grouped; distinct across prompts; reproducible
   same_on_tp_ranks         both TP ranks return the whole replica's completions, identical
   logprobs_vs_trainer      vLLM sampling logprobs (T=0.7) vs engine.trainer.completion_logprobs
+  eval_sampling_top_p      evaluation's top_p 0.95 without logprobs: not refused, tokens in HF's nucleus
   truncation_refused       top_p < 1 refused (renormalised logprobs), over-long request refused
   sync_after_update        an optimizer-like update of the Megatron shards, synced: vLLM matches the
                            new trainer logprobs and not the old; stale versions raise
@@ -209,6 +210,28 @@ def main() -> None:
         )  # fmt: skip
         return err, prompts, out
 
+    def eval_sampling_top_p():
+        """Evaluation's sampling (T=0.6, top_p=0.95) needs no logprobs: not refused, none returned,
+        reproducible, and every token inside HF's 0.95 nucleus at T=0.6."""
+        ev = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=12, seed=7, logprobs=False)
+        n = 3
+        out = gen.generate(PROMPTS, n, ev)
+        again = gen.generate(PROMPTS, n, ev)
+        outside, tokens = 0, 0
+        for i, p in enumerate(PROMPTS):
+            for c in out.completion_ids[i * n : (i + 1) * n]:
+                probs = torch.softmax(hf(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].double() / 0.6, -1)
+                for t, tok in enumerate(c):
+                    above = float(probs[t][probs[t] > probs[t, tok]].sum())
+                    outside += above >= 0.95 + 1e-6
+                    tokens += 1
+        res.record(
+            "eval_sampling_top_p",
+            outside == 0 and tokens > 0 and again.completion_ids == out.completion_ids
+            and all(lp == [] for lp in out.logprobs) and "vllm/logprobs_renormalized" not in out.stats,
+            tokens=tokens, outside_nucleus=outside,
+        )  # fmt: skip
+
     def truncation_refused():
         m1 = expect_raise(ValueError, gen.generate, PROMPTS, 2, SamplingConfig(temperature=0.7, top_p=0.9))
         m2 = expect_raise(ValueError, gen.generate, PROMPTS, 1, SamplingConfig(max_new_tokens=125))
@@ -296,6 +319,7 @@ def main() -> None:
     res.run("greedy_vs_hf", greedy_vs_hf)
     res.run("sampled_n_per_prompt", sampled_n_per_prompt)
     res.run("logprobs_vs_trainer", logprobs_vs_trainer, "logprobs_vs_trainer", 0)
+    res.run("eval_sampling_top_p", eval_sampling_top_p)
     res.run("truncation_refused", truncation_refused)
     res.run("sync_after_update", sync_after_update)
     res.run("sync_failure", sync_failure)

@@ -1,0 +1,158 @@
+"""Built-in generator under torchrun (TP1 / TP2): continuous batching vs static batching and HF.
+
+- sampler/tp_equals_full_vocab: sampling from vocab-parallel shards (reductions over TP) draws the
+  same tokens, with the same logprobs, as sampling from the full vocab (greedy, T=1, top-k, top-p).
+- gen/continuous_equals_static: one prompt at a time through n slots (queue, compaction, host reads
+  every 3 steps) == all rows at once, token for token; many EOS ids so rows finish at different steps.
+- gen/continuous_greedy_equals_hf: greedy under that schedule == HF generate per prompt.
+- gen/continuous_logprobs_match_trainer: sampled logprobs == the trainer's ``completion_logprobs``.
+- gen/non_finite_names_step: a NaN reached at a known decode step raises, naming that step.
+- gen/prompt_longer_than_context: a clear ValueError naming the prompt and the context.
+"""
+
+from __future__ import annotations
+
+import torch
+from common import Results, tiny_hf_model
+
+from engine.batching.logprobs import completion_logprobs
+from engine.batching.micro_batches import build_micro_batch
+from engine.rollout.base import SamplingConfig
+from engine.rollout.megatron_generator import DecodeConfig, MegatronGenerator
+from engine.rollout.sampling import VocabShard, sample_next, vocab_shard
+from models.qwen.config import QwenConfig
+from models.qwen.hf_mapping import state_dict_reader
+from models.qwen.model import build_model, load_hf_weights
+from parallel.collectives import gather_tp_shards
+from parallel.distributed import init_distributed
+
+PAD = 0
+EOS = list(range(2, 32))  # ~10% of the 300-token vocab: rows stop at different steps
+
+
+def check_sampler(res: Results) -> None:
+    V, padded = 300, 512  # the last shard holds vocab padding at TP2
+    g = torch.Generator().manual_seed(4)
+    full = torch.randn(16, padded, generator=g) * 2
+    shard = vocab_shard(V, padded // torch.distributed.get_world_size())
+    local = full[:, shard.start : shard.start + padded // torch.distributed.get_world_size()]
+    rows, steps = torch.arange(16), torch.arange(16) % 4
+    ok, worst = True, 0.0
+    for s in [
+        SamplingConfig(temperature=0.0),
+        SamplingConfig(temperature=1.0, seed=3),
+        SamplingConfig(temperature=0.6, top_k=5, seed=4),
+        SamplingConfig(temperature=1.0, top_p=0.5, seed=5),
+    ]:
+        got = sample_next(local, s, s.seed, rows, steps, shard)
+        want = sample_next(full[:, :V], s, s.seed, rows, steps, VocabShard(0, V))
+        ok &= torch.equal(got.tokens, want.tokens)
+        worst = max(worst, float((got.logprobs - want.logprobs).abs().max()))
+    res.record("sampler/tp_equals_full_vocab", ok and worst <= 1e-6, max_abs=worst)
+
+
+def trainer_logprobs_err(model, cfg, prompts, out, n: int, temperature: float) -> float:
+    rows = [p for p in prompts for _ in range(n)]
+    worst = 0.0
+    for st in range(0, len(rows), 4):
+        comps = out.completion_ids[st : st + 4]
+        mb = build_micro_batch(rows[st : st + 4], comps, slice(st, st + 4), PAD)
+        with torch.no_grad():
+            lp, _ = completion_logprobs(model, mb, cfg.vocab_size, temperature=temperature)
+        for j, glp in enumerate(out.logprobs[st : st + 4]):
+            worst = max(worst, float((lp[j, : len(glp)] - torch.tensor(glp)).abs().max()))
+    return worst
+
+
+def check_generator(res: Results) -> None:
+    hf = tiny_hf_model("gqa_untied_v300")
+    cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
+    model = build_model(cfg)
+    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(32, 300, (int(L),), generator=g).tolist() for L in (3, 9, 5, 12, 7)]
+    n = 3
+    static = MegatronGenerator(model, cfg.vocab_size, EOS, PAD)
+    queued = MegatronGenerator(model, cfg.vocab_size, EOS, PAD, DecodeConfig(max_batch_rows=n, sync_every=3))
+    s = SamplingConfig(temperature=1.0, max_new_tokens=24, seed=21)
+    a, b = static.generate(prompts, n, s), queued.generate(prompts, n, s)
+    lp_diff = max(
+        abs(x - y)
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True)
+        for x, y in zip(la, lb, strict=False)
+    )
+    res.record(
+        "gen/continuous_equals_static",
+        a.completion_ids == b.completion_ids and a.finished == b.finished and lp_diff <= 1e-5,
+        max_abs=lp_diff,
+    )
+    lengths = sorted({len(c) for c in b.completion_ids})
+    res.record("gen/rows_finish_at_different_steps", len(lengths) >= 4 and any(b.finished), lengths=lengths)
+    err = trainer_logprobs_err(model, cfg, prompts, b, n, 1.0)
+    res.record("gen/continuous_logprobs_match_trainer", err <= 1e-5, max_abs=err)
+    toks = torch.tensor([t for c in b.completion_ids for t in c] + [len(c) for c in b.completion_ids])
+    res.record("gen/continuous_tp_lock_step", all(torch.equal(t, toks) for t in gather_tp_shards(toks)))
+
+    greedy = MegatronGenerator(model, cfg.vocab_size, EOS, PAD, DecodeConfig(max_batch_rows=2, sync_every=2))
+    out = greedy.generate(prompts, 1, SamplingConfig(temperature=0.0, max_new_tokens=10))
+    ok = True
+    for p, got in zip(prompts, out.completion_ids, strict=True):
+        with torch.no_grad():
+            want = hf.generate(
+                torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=EOS, pad_token_id=PAD
+            )[0, len(p) :].tolist()
+        ok &= got == want
+    res.record("gen/continuous_greedy_equals_hf", ok)
+
+    # NaN at a known step: the embedding row of the greedy token produced at completion index k (and not
+    # before, nor in the prompt) feeds decode step k + 1.
+    nan_gen = MegatronGenerator(model, cfg.vocab_size, [], PAD, DecodeConfig(sync_every=4))
+    for p0 in prompts:
+        clean = nan_gen.generate([p0], 1, SamplingConfig(temperature=0.0, max_new_tokens=10)).completion_ids[
+            0
+        ]
+        k = next((i for i in range(1, len(clean) - 1) if clean[i] not in p0 + clean[:i]), None)
+        if k is not None:
+            break
+    else:
+        raise AssertionError("no prompt's greedy completion has a fresh token to poison")
+    emb = model.embedding.word_embeddings.weight
+    shard = vocab_shard(cfg.vocab_size, emb.shape[0])
+    saved = emb.detach().clone()
+    if shard.start <= clean[k] < shard.start + emb.shape[0]:
+        with torch.no_grad():
+            emb[clean[k] - shard.start] = float("nan")
+    try:
+        nan_gen.generate([p0], 1, SamplingConfig(temperature=0.0, max_new_tokens=10))
+        msg = "no error"
+    except FloatingPointError as e:
+        msg = str(e)
+    finally:
+        with torch.no_grad():
+            emb.copy_(saved)
+    res.record("gen/non_finite_names_step", f"decode step {k + 1} " in msg, message=msg, k=k)
+
+    try:
+        static.generate([prompts[0], [40] * 250], 1, SamplingConfig(max_new_tokens=10))
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    res.record(
+        "gen/prompt_longer_than_context",
+        "prompt 1 has 250 tokens" in msg and "context 256" in msg,
+        message=msg,
+    )
+
+
+def main() -> None:
+    res = Results()
+    tp = int(res.extra[res.extra.index("--tp") + 1]) if "--tp" in res.extra else 1
+    init_distributed(tp=tp, seed=1234)
+    torch.set_num_threads(1)
+    res.run("sampler/tp_equals_full_vocab", check_sampler, res)
+    res.run("gen/continuous_equals_static", check_generator, res)
+    res.finish()
+
+
+if __name__ == "__main__":
+    main()
