@@ -3,15 +3,17 @@
     ROLLOUT   sample G completions per prompt with the generator (built-in Megatron or vLLM)
     REWARD    score them (reward functions in a process pool on TP rank 0), gather over DP, and
               group-normalise: A = (r - mean_g) / (std_g + 1e-4)
-    LOGPROBS  reference (frozen initial model) and old (only when mu > 1) log-probabilities
-    TRAIN     per micro-batch: policy logprobs -> GRPO loss -> backward; DDP grad all-reduce,
-              clip, AdamW step, LR schedule
+    LOGPROBS  micro-batches (padded rows, or packed sequences in token budgets), then reference
+              (frozen initial model) and old (only when mu > 1) log-probabilities
+    TRAIN     per micro-batch: policy logprobs (chunked LM head) -> GRPO loss -> backward; DDP grad
+              all-reduce, clip, AdamW step, LR schedule
     SYNC      bump the weight version and hand the new weights to the generator
 
 Each phase runs inside ``engine.phases.PhaseScheduler``, which enforces the order and moves memory
-between the trainer and a co-located generator. Loss normalisation (as open-rs / TRL at the pinned
-commit): token-mean per micro-batch per rank, averaged over the micro-batches (loss / n_micro) and
-over DP ranks (Megatron DDP averages grads).
+between the trainer and a co-located generator; a ``StepRecord`` carries the step from phase to phase.
+Loss normalisation (as open-rs / TRL at the pinned commit): token-mean per *logical* micro-batch of
+``batching.micro_batch_size`` completions per rank, averaged over them and over DP ranks (Megatron DDP
+averages grads), whatever the physical batching (``engine.batching.normalisation``).
 """
 
 from __future__ import annotations

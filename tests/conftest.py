@@ -68,3 +68,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not any(item.get_closest_marker(m) for m in SLOW_MARKS):
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_env_leak():
+    """A test that initialises torch.distributed in this process (single rank) sets MASTER_ADDR/PORT
+    in os.environ and keeps that port's store open; CLI subprocesses of later tests would inherit the
+    port and fail with EADDRINUSE. Restore both after every test."""
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

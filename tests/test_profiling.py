@@ -88,7 +88,7 @@ def test_profile_throughput_tp2_dp2(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
         "tools/profile_throughput.py", "--config", "configs/demo_cpu.yaml", "--steps", "2", "--warmup", "1",
-        "--profile-steps", "1", "--peak-tflops", "0.1", f"logging.dir={logdir}",
+        "--profile-steps", "1", "--peak-tflops", "0.1", "rollout.num_generations=16", f"logging.dir={logdir}",
     ]  # fmt: skip
     _run(cmd, tmp_path)
     out = logdir / "profile"
@@ -133,7 +133,7 @@ def test_profile_throughput_modes_single_rank(tmp_path, mode):
     cmd = [
         sys.executable, "tools/profile_throughput.py", "--config", "configs/demo_cpu.yaml", "--mode", mode,
         "--steps", "2", "--warmup", "1", "--profile-steps", "0", "--peak-tflops", "0.1",
-        "parallel.tensor_parallel=1", f"logging.dir={logdir}",
+        "parallel.tensor_parallel=1", "rollout.num_generations=16", f"logging.dir={logdir}",
     ]  # fmt: skip
     _run(cmd, tmp_path)
     s = json.loads((logdir / "profile" / "summary.json").read_text())
@@ -156,7 +156,7 @@ def test_profile_throughput_synthetic_train_same_loss_at_any_batching(tmp_path):
     common = [
         "--mode", "train", "--synthetic-completions", "8", "--synthetic-prompt-length", "5", "--steps", "1",
         "--warmup", "0", "--profile-steps", "0", "--peak-tflops", "0.1", "parallel.tensor_parallel=1",
-        "loss.beta=0.04", "batching.micro_batch_size=64",
+        "loss.beta=0.04", "batching.micro_batch_size=64", "rollout.num_generations=16",
     ]  # fmt: skip
     runs = {
         "plain": [sys.executable, "tools/profile_throughput.py"],

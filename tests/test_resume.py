@@ -24,7 +24,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from models.qwen.checkpoint import iter_mcore_hf_tensors, read_checkpoint_metadata
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-BASE = ["--config", "configs/demo_cpu.yaml", "logging.log_completions=0", "checkpoint.save_every=3"]
+# A constant LR (the cosine schedule's length is max_steps, which the split runs change) and no evaluation.
+BASE = ["--config", "configs/demo_cpu.yaml", "logging.log_completions=0", "checkpoint.save_every=3",
+        "optim.min_lr_ratio=1.0", "eval.at_start=false", "eval.every_steps=0"]  # fmt: skip
 
 
 def train(nproc: int, run_dir: Path, *overrides: str) -> str:

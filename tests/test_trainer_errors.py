@@ -107,7 +107,7 @@ def test_periodic_evaluation_from_the_training_loop(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = make_cfg(
-        tmp_path, "max_steps=2", "eval.every_steps=2", "eval.tasks=[]",
+        tmp_path, "max_steps=2", "eval.at_start=false", "eval.every_steps=2", "eval.tasks=[]",
         f"eval.task_files=[{REPO / 'assets/demo/test.jsonl'}]", "eval.limit=8", "eval.k=2",
         "eval.max_new_tokens=2", "eval.temperature=1.0", "eval.top_p=1.0", f"eval.out_dir={tmp_path / 'eval'}",
         model={"max_position_embeddings": 512},  # the eval prompt (MATH_QUERY_TEMPLATE) is ~335 tokens

@@ -29,8 +29,8 @@ def test_grpo_with_vllm_rollouts_keeps_logprobs_in_sync(tmp_path):
         "rollout.max_logprob_diff=1e-5", f"logging.dir={tmp_path}", "logging.log_completions=0",
         # In-training evaluation through the same vLLM engine at eval's top_p 0.95 (no logprobs, so the
         # generator's renormalised-logprob guard does not apply), after each step's checkpoint.
-        "eval.every_steps=2", "eval.tasks=[demo]", "eval.max_new_tokens=2", "eval.limit=8",
-        "checkpoint.save_every=2",
+        "eval.at_start=false", "eval.every_steps=2", "eval.tasks=[demo_exact]", "eval.max_new_tokens=2", "eval.limit=8",
+        "eval.temperature=0.6", "eval.top_p=0.95", "checkpoint.save_every=2",
     ]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -43,6 +43,6 @@ def test_grpo_with_vllm_rollouts_keeps_logprobs_in_sync(tmp_path):
     assert all(abs(e.value - 1.0) < 1e-5 for e in ea.Scalars("rollout/token_mult_prob_error"))
     assert all(e.value > 0 for e in ea.Scalars("phase/sync_s"))
     assert [(e.step, e.value) for e in ea.Scalars("eval/failed")] == [(2, 0.0), (4, 0.0)]
-    assert [e.step for e in ea.Scalars("eval/demo/pass@1")] == [2, 4]
+    assert [e.step for e in ea.Scalars("eval/demo_exact/pass@1")] == [2, 4]
     ck = tmp_path / "checkpoints"
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_000002", "step_000004"]

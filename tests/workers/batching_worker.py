@@ -36,7 +36,7 @@ from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import build_model, forward_logits, gather_hf_state_dict, load_hf_weights
 from parallel.collectives import all_reduce, all_reduce_dp
 from parallel.ddp import wrap_ddp
-from parallel.distributed import dp_rank, dp_size, init_distributed
+from parallel.distributed import dp_rank, dp_size
 
 N_PROMPTS, G, MB = 4, 3, 4  # 12 completions; logical micro-batches of 4 (they straddle groups)
 EOS, PAD = 2, 0
@@ -275,10 +275,7 @@ def check_objective(res: Results, hf, ref_hf, cfg: QwenConfig) -> None:
 
 
 def main() -> None:
-    res = Results()
-    tp = int(res.extra[res.extra.index("--tp") + 1]) if "--tp" in res.extra else 1
-    init_distributed(tp=tp, seed=1234)
-    torch.set_num_threads(1)
+    res = Results.start()
     hf = tiny_hf_model("gqa_untied_v300")
     ref_hf = tiny_hf_model("gqa_untied_v300", seed=5)
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())

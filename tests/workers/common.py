@@ -63,6 +63,21 @@ class Results:
         self.out = Path(self.args.out)
         self.items: dict[str, dict] = {}
 
+    @property
+    def tp(self) -> int:
+        """The ``--tp`` argument (1 when absent)."""
+        return int(self.extra[self.extra.index("--tp") + 1]) if "--tp" in self.extra else 1
+
+    @classmethod
+    def start(cls, seed: int = 1234) -> Results:
+        """A worker's start: parse the arguments, init torch.distributed + Megatron at ``--tp``, 1 thread."""
+        from parallel.distributed import init_distributed
+
+        res = cls()
+        init_distributed(tp=res.tp, seed=seed)
+        torch.set_num_threads(1)
+        return res
+
     def record(self, name: str, ok: bool, **info) -> None:
         info = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in info.items()}
         prev = self.items.get(name)

@@ -24,7 +24,6 @@ from models.qwen.config import QwenConfig
 from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import build_model, load_hf_weights
 from parallel.collectives import gather_tp_shards
-from parallel.distributed import init_distributed
 
 PAD = 0
 EOS = list(range(2, 32))  # ~10% of the 300-token vocab: rows stop at different steps
@@ -145,10 +144,7 @@ def check_generator(res: Results) -> None:
 
 
 def main() -> None:
-    res = Results()
-    tp = int(res.extra[res.extra.index("--tp") + 1]) if "--tp" in res.extra else 1
-    init_distributed(tp=tp, seed=1234)
-    torch.set_num_threads(1)
+    res = Results.start()
     res.run("sampler/tp_equals_full_vocab", check_sampler, res)
     res.run("gen/continuous_equals_static", check_generator, res)
     res.finish()

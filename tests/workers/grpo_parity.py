@@ -23,7 +23,7 @@ from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import build_model, gather_hf_state_dict, load_hf_weights
 from parallel.collectives import gather_tp_shards
 from parallel.ddp import wrap_ddp
-from parallel.distributed import dp_rank, dp_size, init_distributed
+from parallel.distributed import dp_rank, dp_size
 
 N_PROMPTS, G, MB = 4, 2, 2  # 8 completions, micro-batches of 2 -> 4 global micro-batches
 EOS, PAD = 2, 0
@@ -173,10 +173,7 @@ def check_generator(res: Results) -> None:
 
 
 def main() -> None:
-    res = Results()
-    tp = int(res.extra[res.extra.index("--tp") + 1]) if "--tp" in res.extra else 1
-    init_distributed(tp=tp, seed=1234)
-    torch.set_num_threads(1)
+    res = Results.start()
     res.run("grpo/grads", check_grads, res)
     res.run("gen/greedy_equals_hf", check_generator, res)
     res.finish()

@@ -16,7 +16,6 @@ from engine.batching.micro_batches import build_packed_sequences
 from models.qwen.config import ActivationOptions, QwenConfig
 from models.qwen.memory import activation_estimate
 from models.qwen.model import build_model
-from parallel.distributed import init_distributed
 
 # name -> (sequences as (prompt, completion) lengths, activation options)
 SHAPES = {
@@ -74,11 +73,8 @@ def check(res: Results, tp: int) -> None:
 
 
 def main() -> None:
-    res = Results()
-    tp = int(res.extra[res.extra.index("--tp") + 1]) if "--tp" in res.extra else 1
-    init_distributed(tp=tp, seed=1234)
-    torch.set_num_threads(1)
-    res.run("plan/saved_within_25pct", check, res, tp)
+    res = Results.start()
+    res.run("plan/saved_within_25pct", check, res, res.tp)
     res.finish()
 
 

@@ -269,7 +269,9 @@ def check_packed(res: Results, variant: str, acts: ActivationOptions | None, nam
 
 # ---- activation recomputation --------------------------------------------------------------------
 RECOMPUTE = {
-    "selective": ActivationOptions(recompute_granularity="selective", recompute_modules=("core_attn",)),
+    # core_attn alone saves ~nothing on SDPA (it keeps q, k, v, out and a log-sum-exp: O(S) already; the
+    # recomputed call keeps q, k, v and RoPE's freqs instead): the MLP is where selective pays.
+    "selective": ActivationOptions(recompute_granularity="selective", recompute_modules=("core_attn", "mlp")),
     "full_uniform": ActivationOptions(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "full_block": ActivationOptions(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
 }  # fmt: skip

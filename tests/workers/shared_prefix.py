@@ -33,7 +33,6 @@ from models.qwen.model import (
     unwrap,
 )
 from parallel.ddp import wrap_ddp
-from parallel.distributed import init_distributed
 
 G, MB = 3, 6  # 4 groups of 3 completions, 2 groups per micro-batch -> 2 micro-batches
 EOS, PAD = 2, 0
@@ -195,10 +194,7 @@ def check_grads(res: Results, hf, ref_model: torch.nn.Module, cfg: QwenConfig) -
 
 
 def main() -> None:
-    res = Results()
-    tp = int(res.extra[res.extra.index("--tp") + 1]) if "--tp" in res.extra else 1
-    init_distributed(tp=tp, seed=1234)
-    torch.set_num_threads(1)
+    res = Results.start()
     hf = tiny_hf_model("gqa_untied_v300")
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
     policy = load(hf, cfg)
