@@ -43,7 +43,8 @@ class Phase(enum.Enum):
 ORDER = [Phase.ROLLOUT, Phase.REWARD, Phase.LOGPROBS, Phase.TRAIN, Phase.SYNC]
 
 
-def _peak_memory_bytes() -> int:
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: allocated GPU memory on CUDA, else peak RSS."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     import resource
@@ -110,7 +111,7 @@ class PhaseScheduler:
         finally:
             self.current = None
         self.seconds[p.value] = time.perf_counter() - t0
-        self.peak_bytes[p.value] = _peak_memory_bytes()
+        self.peak_bytes[p.value] = peak_memory_bytes()
         self._last = p
 
     def _enter(self, p: Phase) -> None:

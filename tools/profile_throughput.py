@@ -55,7 +55,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -69,6 +68,7 @@ import torch.distributed as dist  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
 from engine.flops import flops_per_token, measure_peak_flops  # noqa: E402
+from engine.phases import peak_memory_bytes  # noqa: E402
 from engine.train_config import TrainConfig  # noqa: E402
 from parallel.collectives import all_reduce, all_reduce_dp, barrier, broadcast_object  # noqa: E402
 from tools.machine import describe_machine  # noqa: E402
@@ -118,12 +118,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 # ---- machine facts --------------------------------------------------------------------------------
-
-
-def peak_memory_bytes() -> float:
-    if torch.cuda.is_available():
-        return float(torch.cuda.max_memory_allocated())
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0  # Linux: KiB
 
 
 # ---- collectives (plain torch.distributed; no-ops on one process) --------------------------------
@@ -457,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     with torch.profiler.record_function(f"step_{step_no + 1}"):
                         one(False)
 
-        mem_local = peak_memory_bytes()
+        mem_local = float(peak_memory_bytes())
         mem = {
             "peak_mem_max_bytes": reduce_all(mem_local, "max"),
             "peak_mem_sum_bytes": reduce_all(mem_local, "sum"),
