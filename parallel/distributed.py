@@ -95,5 +95,10 @@ def dp_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
+def world_size() -> int:
+    """Ranks in the default process group (1 before torch.distributed is initialised)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

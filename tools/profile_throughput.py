@@ -71,6 +71,7 @@ from engine.flops import flops_per_token, measure_peak_flops  # noqa: E402
 from engine.phases import peak_memory_bytes  # noqa: E402
 from engine.train_config import TrainConfig  # noqa: E402
 from parallel.collectives import all_reduce, all_reduce_dp, barrier, broadcast_object  # noqa: E402
+from parallel.distributed import is_main_rank, world_size  # noqa: E402
 from tools.machine import describe_machine  # noqa: E402
 
 MODES = ("all", "train", "generate")
@@ -121,14 +122,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 # ---- collectives (plain torch.distributed; no-ops on one process) --------------------------------
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def reduce_all(x: float, op: str = "sum", group=None) -> float:
     t = torch.tensor([float(x)], dtype=torch.float64)
     return float(all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group)[0])
@@ -296,9 +289,9 @@ def summarise(
         "machine": describe_machine(),
         "loadavg_1m": os.getloadavg()[0],  # other work on the machine skews CPU timings
         "mode": mode,
-        "world_size": _world(),
+        "world_size": world_size(),
         "tp": cfg.parallel.tensor_parallel,
-        "dp": _world() // cfg.parallel.tensor_parallel,
+        "dp": world_size() // cfg.parallel.tensor_parallel,
         "dtype": cfg.model.dtype,
         "model": cfg.model.architecture_file,
         "prompts_per_step": cfg.rollout.prompts_per_step,
@@ -366,14 +359,14 @@ def format_table(s: dict) -> str:
 
 def resolve_peak(args, cfg: TrainConfig) -> dict:
     on_gpu = torch.cuda.is_available()
-    devices = _world() if on_gpu else 1
+    devices = world_size() if on_gpu else 1
     if args.peak_tflops is not None:
         return {"per_device_flops": args.peak_tflops * 1e12, "devices": devices, "source": "given"}
     from models.qwen.config import parse_dtype
 
     dtype = parse_dtype(cfg.model.dtype)
     barrier()
-    flops = measure_peak_flops(dtype, n=4096 if on_gpu else 2048) if _rank() == 0 else 0.0
+    flops = measure_peak_flops(dtype, n=4096 if on_gpu else 2048) if is_main_rank() else 0.0
     barrier()
     flops = broadcast_object(flops)
     what = (
@@ -401,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from parallel.distributed import destroy_distributed
 
     trainer = GRPOTrainer(cfg)
-    rank0 = _rank() == 0
+    rank0 = is_main_rank()
     log = trainer.logger
     out_dir = Path(args.out or Path(cfg.logging.dir) / "profile")
     trace_dir = Path(args.trace_dir or out_dir / "trace")
