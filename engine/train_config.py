@@ -20,6 +20,7 @@ from engine.config import check_literals
 from engine.data import DataConfig
 from engine.evaluation import EvalConfig
 from engine.rewards import RewardConfig
+from engine.rollout.base import DecodeConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -106,6 +107,8 @@ class RolloutConfig:
     # Stop the run when mean |logp_generator - logp_trainer| on the same weights exceeds this
     # (needs scale_logprobs_by_temperature or T=1 so both score the same distribution). None = log only.
     max_logprob_diff: float | None = None
+    # The built-in generator's batching: decode slots, host-sync interval, prefill budget, CUDA graphs.
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
         check_literals(self, "rollout")

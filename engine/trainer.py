@@ -197,7 +197,9 @@ class GRPOTrainer:
                 vcfg = dataclasses.replace(vcfg, dtype=HF_DTYPE_NAMES[parse_dtype(cfg.model.dtype)])
             self.generator = VLLMGenerator(self.qcfg, [self.eos_id], vcfg)
         else:
-            self.generator = MegatronGenerator(self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id)
+            self.generator = MegatronGenerator(
+                self.model, self.qcfg.vocab_size, [self.eos_id], self.pad_id, ro.decode
+            )
         self.weight_version = 0
         self.generator.sync_weights(self.model, self.weight_version)
         self.phases = PhaseScheduler(self.generator, TrainerOffload(self.model, self.optimizer, enabled=True))

@@ -18,11 +18,18 @@ dist_checkpointing with gloo on CPU:
 5. Megatron's optimizer wrappers allocate with ``device='cuda'``: not patched; the trainer uses
    ``torch.optim.AdamW`` over the DDP ``main_grad`` buffers and a TP-aware grad-norm clip on CPU
    (``engine.optimizer``).
+6. Not Megatron's, but what CPU decode at a real vocabulary meets: glibc's *dynamic* mmap threshold
+   lets the heap shrink back (trim) between decode steps, so every step's ~15 MB logits and sampling
+   buffers come back as fresh pages: 2.7M page faults and +30% time in a 24-row x 256-token decode at
+   vocab 151,936. Fixed thresholds (mmap above 32 MiB, trim above 64 MiB free) keep those pages; the
+   user's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` win.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 
 import torch
 
@@ -39,6 +46,24 @@ class _NullStream:
         return None
 
 
+MMAP_THRESHOLD = 32 << 20  # glibc's own upper bound for its dynamic threshold
+TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def fix_malloc_thresholds() -> bool:
+    """Point 6: fixed glibc malloc thresholds. False where not glibc, or the user set their own."""
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
 def apply_cpu_compat() -> bool:
     """Install the CPU shims once. Returns True if they are (now) active."""
     global _APPLIED
@@ -46,6 +71,7 @@ def apply_cpu_compat() -> bool:
         return False
     if _APPLIED:
         return True
+    fix_malloc_thresholds()
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]

@@ -118,6 +118,7 @@ WORKER_CHECKS = [
     "gen/continuous_equals_static",
     "gen/continuous_greedy_equals_hf",
     "gen/continuous_logprobs_match_trainer",
+    "gen/bucketed_steps_equal_eager",
     "gen/continuous_tp_lock_step",
     "gen/rows_finish_at_different_steps",
     "gen/non_finite_names_step",

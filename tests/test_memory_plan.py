@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import REPO, check, per_layout
 
-from engine.batching.memory_plan import GiB, plan_memory
+from engine.batching.memory_plan import GiB, builtin_decode_bytes, plan_memory
 from engine.config import load_config
+from engine.rollout.kv_cache import KVCache
 from engine.train_config import TrainConfig
 from models.qwen.config import ActivationOptions, QwenConfig
 from models.qwen.memory import activation_estimate, layer_activation_elements
@@ -85,6 +86,35 @@ def test_recipe_plan_fits_48gb_at_tp2_dp2_with_a_token_budget():
         recipe(*no_budget), qcfg, dp=2, device_gib=48, activations=full, distributed_optimizer=True
     )
     assert plan.problems() == []
+
+
+@pytest.mark.parametrize("tp, dp, max_rows", [(1, 1, 0), (2, 2, 0), (2, 1, 12)])
+def test_builtin_generator_kv_cache_in_the_plan(tp, dp, max_rows):
+    """The plan's KV cache == the bytes ``KVCache.allocate`` takes for the generator's slots and rows."""
+    qcfg = QwenConfig.from_file(R1)
+    cfg = load_config(
+        TrainConfig, EXP3,
+        [f"parallel.tensor_parallel={tp}", "model.dtype=bf16", f"rollout.decode.max_batch_rows={max_rows}"],
+    )  # fmt: skip
+    kv, logits = builtin_decode_bytes(cfg, qcfg, dp)
+    rows = 12 // dp * 6  # open-rs: 12 prompts x 6 per step, split over DP
+    slots = max_rows or rows
+    with torch.device("meta"):
+        cache = KVCache.allocate(28, slots, 2 // tp, 512 + 3584, 128, torch.bfloat16, torch.device("meta"))
+    assert kv == cache.nbytes()
+    padded_vocab = {1: 151936, 2: 152064}[tp]  # Megatron pads to a multiple of 128 x TP
+    assert logits == 3 * slots * padded_vocab // tp * 4
+    plan = plan_memory(cfg, qcfg, dp=dp, device_gib=48)
+    assert plan.generator_rollout_bytes == kv + logits and plan.generator_train_bytes == 0
+    if (tp, dp) == (1, 1):  # 72 rows x 4096 positions of 28 KiB: 7.9 GiB
+        assert kv / GiB == pytest.approx(72 * 4096 * 28672 / GiB)
+
+
+def test_builtin_rollout_that_does_not_fit_names_max_batch_rows():
+    qcfg = QwenConfig.from_file(R1)
+    cfg = load_config(TrainConfig, EXP3, ["parallel.tensor_parallel=1", "model.dtype=bf16"])
+    plan = plan_memory(cfg, qcfg, dp=1, device_gib=10)
+    assert any("ROLLOUT needs" in p and "rollout.decode.max_batch_rows" in p for p in plan.problems())
 
 
 def test_model_info_train_config_exit_status(capsys):

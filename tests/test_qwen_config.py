@@ -10,7 +10,7 @@ import torch
 
 from models.qwen.config import ConfigKeyError, QwenConfig
 from models.qwen.hf_mapping import hf_to_mcore_shard, merge_tp_shards, rules, split_tp, state_dict_reader
-from models.qwen.memory import estimate, param_count, params_per_rank
+from models.qwen.memory import decode_weight_bytes, estimate, kv_bytes_per_token, param_count, params_per_rank
 
 REAL = Path(__file__).resolve().parents[1] / "configs/models/deepseek-r1-distill-qwen-1.5b.json"
 
@@ -36,6 +36,33 @@ def test_real_param_count_and_memory(real):
     n = e.params_per_rank
     assert e.weights_bytes == 2 * n and e.grads_bytes == 4 * n
     assert e.master_bytes == 4 * n // 2 and e.adam_bytes == 8 * n // 2
+
+
+def test_real_decode_bytes(real):
+    # Per layer: q/k/v with biases, o, gate/up/down, two norms; then the final norm and the untied LM head.
+    h, kv, f, V, L = 1536, 2 * 128, 8960, 151936, 28
+    layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * f + 2 * h
+    assert decode_weight_bytes(real, 1, torch.bfloat16) == 2 * (L * layer + h + V * h)  # 3.09 GB
+    assert kv_bytes_per_token(real, 1, torch.bfloat16) == L * 2 * 2 * 128 * 2  # K and V, 2 KV heads
+    assert kv_bytes_per_token(real, 2, torch.bfloat16) == L * 2 * 1 * 128 * 2
+    tied = QwenConfig.from_hf_dict({**real.hf_config, "tie_word_embeddings": True})
+    assert decode_weight_bytes(tied, 1, torch.float32) == 4 * (
+        L * layer + h + V * h
+    )  # tied head read in full
+
+
+def test_bench_decode_read_bytes_counts_every_cached_position(real):
+    from tools.bench_generate import decode_read_bytes
+
+    prompts, lengths = [5, 5, 9], [1, 4, 7]
+    steps = max(lengths) - 1
+    positions = 0
+    for k in range(2, max(lengths) + 1):  # token k of a row is decoded over its P + k - 1 cached positions
+        positions += sum(P + k - 1 for P, n in zip(prompts, lengths, strict=True) if n >= k)
+    want = steps * decode_weight_bytes(real, 1, torch.bfloat16) + positions * kv_bytes_per_token(
+        real, 1, torch.bfloat16
+    )
+    assert decode_read_bytes(real, 1, torch.bfloat16, steps, prompts, lengths) == want
 
 
 def test_transformer_config_mapping(real):

@@ -150,3 +150,25 @@ def test_kl_to_the_frozen_reference(tmp_path):
     m1, m2 = trainer.train_step(), trainer.train_step()
     trainer.close()
     assert m1["loss/kl"] == 0.0 and m2["loss/kl"] > 0.0
+
+
+def test_rollout_decode_config_reaches_the_generator(tmp_path):
+    """``rollout.decode.*`` configures the built-in generator; its bucketed (CUDA-graph schedule) decode,
+    with fewer slots than rows, trains exactly as the default decode does."""
+    decode = [
+        "rollout.decode.max_batch_rows=5",
+        "rollout.decode.sync_every=2",
+        "rollout.decode.cuda_graphs=true",
+        "rollout.decode.span_bucket=8",
+    ]
+    metrics = {}
+    for name, overrides in (("default", []), ("bucketed", decode)):
+        (tmp_path / name).mkdir()
+        trainer = GRPOTrainer(make_cfg(tmp_path / name, *overrides))
+        metrics[name] = [trainer.train_step(), trainer.train_step()]
+        gen_decode = trainer.generator.decode
+        trainer.close()
+    assert (gen_decode.max_batch_rows, gen_decode.sync_every, gen_decode.cuda_graphs) == (5, 2, True)
+    for a, b in zip(metrics["default"], metrics["bucketed"], strict=True):
+        for key in ("loss/loss", "completion/length_mean", "reward/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

@@ -3,7 +3,11 @@
 #   1. tests/test_gpu.py: bf16/fp32 logits vs HF, NCCL collectives, Megatron optimizer state round trip,
 #      GRPO resume on GPU;
 #   2. tools/profile_throughput.py on the full 1.5B config (random weights, TP1, bf16, open-rs exp3
-#      settings with shorter completions), summary table copied to $OUT.
+#      settings with shorter completions), summary table copied to $OUT;
+#   3. rollout speed (tools/bench_generate.py): the 1.5B, random weights, bf16, TP1, 6 prompts x 6,
+#      512-token prompts, 3584 new tokens, eager decode then CUDA-graph decode, with the fraction of
+#      the 4.3 TB/s memory-bandwidth bound; JSON + table to $OUT.
+# REHEARSE=1 (CPU): steps 1 and 3 on a tiny model and short rows, step 2 skipped (what CI's machine can do).
 # Wheels in .whl/ (megatron-core and other pure-Python deps the machine lacks) are installed first
 # into /tmp/site. Usage: OUT=dir bash tools/gpu_checks.sh [max_completion_length]
 set -u
@@ -25,6 +29,22 @@ fi
 
 echo "== tests/test_gpu.py"
 timeout 180 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -40
+
+if [ "${REHEARSE:-0}" = 1 ]; then
+    BENCH=(--config configs/models/narrow-real-vocab.json --dtype fp32 --prompts 2 --generations 3
+           --prompt-len 16 --new-tokens 24)
+else
+    BENCH=(--config configs/models/deepseek-r1-distill-qwen-1.5b.json --dtype bf16 --prompts 6
+           --generations 6 --prompt-len 512 --new-tokens 3584)
+fi
+for mode in eager graphs; do
+    echo "== rollout speed, built-in, $mode decode: ${BENCH[*]}"
+    extra=(); [ "$mode" = graphs ] && extra=(--cuda-graphs)
+    timeout 240 python3 tools/bench_generate.py "${BENCH[@]}" --ignore-eos --backends builtin --repeats 1 \
+        --bandwidth-tbps 4.3 "${extra[@]}" --json "$OUT/rollout_$mode.json" 2>&1 | tee "$OUT/rollout_$mode.log" \
+        | tail -4
+done
+[ "${REHEARSE:-0}" = 1 ] && exit 0
 
 echo "== 1.5B profile (TP1, bf16, max completion $MAXLEN)"
 timeout 230 python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/profile_throughput.py \

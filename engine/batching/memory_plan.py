@@ -8,8 +8,10 @@ device, with the key to change when it does not fit.
              configured sequence parallelism / recomputation) and the chunked LM-head transients
     LOGPROBS + one no-grad pass of ``batching.logprob_max_tokens``
     ROLLOUT  trainer weights (+ reference) resident while the co-located generator holds its share
-             (vLLM: ``vllm.gpu_memory_utilization`` of the device); in the training phases a sleeping
-             vLLM keeps only ``SLEEPING_GENERATOR_GIB``
+             (vLLM: ``vllm.gpu_memory_utilization`` of the device; in the training phases a sleeping
+             vLLM keeps only ``SLEEPING_GENERATOR_GIB``. The built-in generator: its KV cache of
+             ``rollout.decode.max_batch_rows`` slots x the longest row, and one step's fp32 logits,
+             freed when the rollout ends)
 
 The activation figure is checked against saved-tensor bytes in tests/test_memory_plan.py; the
 whole-step peak against measurements in docs/benchmarks.md.
@@ -28,6 +30,7 @@ from models.qwen.memory import (
     MemoryEstimate,
     activation_estimate,
     estimate,
+    kv_bytes_per_token,
     logprob_pass_bytes,
 )
 
@@ -49,6 +52,7 @@ class MemoryPlan:
     generator_rollout_bytes: float  # the generator's share while it samples
     generator_train_bytes: float  # what it keeps while the trainer trains
     device_bytes: float | None
+    backend: str = "megatron"
 
     @property
     def static_bytes(self) -> float:
@@ -84,9 +88,12 @@ class MemoryPlan:
                 "lower batching.logprob_max_tokens or batching.logprob_chunk_tokens"
             )
         if ph["rollout"] > dev:
-            out.append(
-                f"ROLLOUT needs {gib(ph['rollout'])} per rank of {gib(dev)}: lower vllm.gpu_memory_utilization"
+            key = (
+                "rollout.decode.max_batch_rows"
+                if self.backend == "megatron"
+                else "vllm.gpu_memory_utilization"
             )
+            out.append(f"ROLLOUT needs {gib(ph['rollout'])} per rank of {gib(dev)}: lower {key}")
         return out
 
     def format(self) -> str:
@@ -120,6 +127,19 @@ def micro_batch_tokens(cfg: TrainConfig, budget: int | None) -> int:
     if budget is not None:
         return budget
     return cfg.batching.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_completion_length)
+
+
+def builtin_decode_bytes(cfg: TrainConfig, qcfg: QwenConfig, dp: int) -> tuple[int, int]:
+    """(KV cache, one decode step's fp32 logits and sampling copies) bytes of the built-in generator on
+    one rank: ``rollout.decode.max_batch_rows`` slots (default: this DP replica's prompts x G) of
+    max prompt + max completion positions (``engine.rollout.kv_cache``)."""
+    ro = cfg.rollout
+    rows = -(-ro.prompts_per_step // dp) * ro.num_generations
+    slots = min(rows, ro.decode.max_batch_rows or rows)
+    max_len = cfg.data.max_prompt_length + ro.max_completion_length
+    tp = cfg.parallel.tensor_parallel
+    kv = slots * max_len * kv_bytes_per_token(qcfg, tp, parse_dtype(cfg.model.dtype))
+    return kv, 3 * slots * (qcfg.padded_vocab_size(tp) // tp) * 4  # logits, scaled, exp
 
 
 def plan_memory(
@@ -156,6 +176,9 @@ def plan_memory(
             else v.gpu_memory_utilization * device
         )
         gen_train = SLEEPING_GENERATOR_GIB * GiB if v.enable_sleep_mode else gen_rollout
+    elif cfg.rollout.backend == "megatron":
+        gen_rollout = float(sum(builtin_decode_bytes(cfg, qcfg, dp)))
     return MemoryPlan(
-        tp, dp, cfg.model.dtype, static, ref, train, lp_tokens, lp_bytes, gen_rollout, gen_train, device
-    )
+        tp, dp, cfg.model.dtype, static, ref, train, lp_tokens, lp_bytes, gen_rollout, gen_train, device,
+        cfg.rollout.backend,
+    )  # fmt: skip

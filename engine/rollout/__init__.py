@@ -4,6 +4,6 @@
 import Megatron / vLLM and are imported where they are built.
 """
 
-from engine.rollout.base import GenerationOutput, Generator, SamplingConfig
+from engine.rollout.base import DecodeConfig, GenerationOutput, Generator, SamplingConfig
 
-__all__ = ["GenerationOutput", "Generator", "SamplingConfig"]
+__all__ = ["DecodeConfig", "GenerationOutput", "Generator", "SamplingConfig"]

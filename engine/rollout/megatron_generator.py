@@ -8,6 +8,8 @@ shared-prompt fan-out). Every step decodes all occupied slots together, whatever
 leave (rows from the end move into their slots, so the batch stays a prefix of the slots) and queued
 prompts join. Between those reads nothing waits for the device: finished rows keep decoding
 harmlessly until the next read, and a non-finite logit is recorded on the device with its step.
+With ``DecodeConfig.cuda_graphs`` each decode step is replayed from a CUDA graph per (rows bucket,
+span bucket) (``engine.rollout.step_graphs``); the step then touches only persistent tensors.
 
 All TP ranks run in lock step: sampling reduces per-row statistics over TP
 (``engine.rollout.sampling``) so every rank draws the same token, and every host decision depends on
@@ -17,31 +19,16 @@ those shared values only.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 
-from engine.rollout.base import GenerationOutput, SamplingConfig
+from engine.rollout.base import DecodeConfig, GenerationOutput, SamplingConfig
 from engine.rollout.decode import DecodeModel
 from engine.rollout.sampling import VocabShard, sample_next, vocab_shard
+from engine.rollout.step_graphs import StepGraphs, pick_bucket, row_buckets, span_bucket
 from engine.seeds import derive_seed
 from models.qwen.model import unwrap
-
-
-@dataclass
-class DecodeConfig:
-    max_batch_rows: int = 0  # decode slots (KV cache rows); 0 = every row of a generate() call at once
-    sync_every: int = 0  # decode steps between host reads of the done flags; 0 = 1 on CPU, 16 on GPU
-    max_prefill_tokens: int = 16384  # padded prompt tokens per prefill forward (at least one prompt)
-
-    def __post_init__(self) -> None:
-        if self.max_batch_rows < 0:
-            raise ValueError(f"decode.max_batch_rows must be >= 0 (0 = all rows), got {self.max_batch_rows}")
-        if self.sync_every < 0:
-            raise ValueError(f"decode.sync_every must be >= 0 (0 = auto), got {self.sync_every}")
-        if self.max_prefill_tokens < 1:
-            raise ValueError(f"decode.max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
 
 
 class MegatronGenerator:
@@ -117,17 +104,26 @@ class _Run:
         # sampling.seed per step so a resumed run draws what an uninterrupted one would.
         self.seed = derive_seed(sampling.seed, parallel_state.get_data_parallel_rank())
         self.shard: VocabShard | None = None
-        self.eos = g.eos.to(dev)
+        # Stop tokens as a lookup table: one gather per step (torch.isin may sort, and sync, on GPU).
+        self.is_stop = torch.zeros(g.vocab_size, dtype=torch.bool, device=dev)
+        self.is_stop[g.eos[(g.eos >= 0) & (g.eos < g.vocab_size)].to(dev)] = True
         long = dict(dtype=torch.long, device=dev)
-        self.out_tok = torch.full((rows, N), g.pad_token_id, **long)
-        self.out_lp = torch.zeros(rows, N, device=dev)
-        self.lengths = torch.zeros(rows, **long)
-        self.finished = torch.zeros(rows, dtype=torch.bool, device=dev)
+        # Outputs have one extra row, ``trash``: free slots point at it, so their (discarded) writes
+        # never collide with a live row's.
+        self.trash = rows
+        self.out_tok = torch.full((rows + 1, N), g.pad_token_id, **long)
+        self.out_lp = torch.zeros(rows + 1, N, device=dev)
+        self.lengths = torch.zeros(rows + 1, **long)
+        self.finished = torch.zeros(rows + 1, dtype=torch.bool, device=dev)
         # Per slot: output row, next write position (= cached length), tokens generated, last token.
-        self.row, self.pos, self.step, self.last = (torch.zeros(self.slots, **long) for _ in range(4))
+        # A free slot is done, writes to the trash row, and sits at position 0.
+        self.row = torch.full((self.slots,), self.trash, **long)
+        self.pos, self.step, self.last = (torch.zeros(self.slots, **long) for _ in range(3))
         self.done = torch.ones(self.slots, dtype=torch.bool, device=dev)
         self.bad_step = torch.full((), -1, **long)
-        self.t = 0  # decode steps so far (prefill logits count as the current step)
+        self.t = torch.zeros((), **long)  # decode steps so far (prefill logits count as the current step)
+        self.buckets = row_buckets(self.slots) if cfg.cuda_graphs else None
+        self.graphs = StepGraphs(self._step, capture=dev.type == "cuda") if cfg.cuda_graphs else None
 
     def _record(self, lo: int, hi: int, logits: torch.Tensor) -> None:
         """Sample the next token of slots [lo, hi) from their logits; write outputs of live rows only."""
@@ -137,12 +133,12 @@ class _Run:
         d = sample_next(logits, self.sampling, self.seed, row, step, self.shard)
         live = ~done
         bad = (live & ~d.finite).any()
-        self.bad_step = torch.where((self.bad_step < 0) & bad, self.t, self.bad_step)
+        self.bad_step.copy_(torch.where((self.bad_step < 0) & bad, self.t, self.bad_step))
         tok = d.tokens.clamp(0, self.g.vocab_size - 1)
         col = step.clamp_max(self.sampling.max_new_tokens - 1)
         self.out_tok[row, col] = torch.where(live, tok, self.out_tok[row, col])
         self.out_lp[row, col] = torch.where(live, d.logprobs, self.out_lp[row, col])
-        eos = live & torch.isin(tok, self.eos)
+        eos = live & self.is_stop[tok]
         self.lengths[row] = torch.where(live, step + 1, self.lengths[row])
         self.finished[row] |= eos
         self.done[lo:hi] = done | eos | (step + 1 >= self.sampling.max_new_tokens)
@@ -195,7 +191,19 @@ class _Run:
             self.cache.move(src, dst, max(pos[i] for i in movers))
             for t in (self.row, self.pos, self.step, self.last, self.done):
                 t[dst] = t[src]
+        if new < active:  # the vacated slots are free again
+            self.done[new:active] = True
+            self.row[new:active] = self.trash
+            self.pos[new:active] = 0
         return new, max((pos[i] for i in alive), default=0)
+
+    def _step(self, rows: int, span: int) -> None:
+        """One decode step of slots [0, rows), attention over cache positions < ``span``. Touches only
+        tensors that outlive the step and reads nothing back to the host (CUDA-graph safe)."""
+        self.t += 1
+        logits = self.dm.decode(self.cache, self.last[:rows], self.pos[:rows], span)
+        self._record(0, rows, logits)
+        self.pos[:rows] += ~self.done[:rows]
 
     def run(self) -> GenerationOutput:
         queue = deque(range(len(self.prompts)))
@@ -209,19 +217,28 @@ class _Run:
                 if not queue:
                     break
                 continue  # every admitted row finished at its first token: admit more
-            for _ in range(self.sync_every):
-                self.t += 1
-                span = min(pos_max + 1, self.max_len)
-                logits = self.dm.decode(self.cache, self.last[:active], self.pos[:active], span)
-                self._record(0, active, logits)
-                self.pos[:active] += ~self.done[:active]
-                pos_max = min(pos_max + 1, self.max_len - 1)
-        lengths = self.lengths.cpu()
-        tokens, logps = self.out_tok.cpu(), self.out_lp.cpu()
+            if self.graphs is None:  # exact shapes: the span grows with the longest row
+                for _ in range(self.sync_every):
+                    self._step(active, min(pos_max + 1, self.max_len))
+                    pos_max = min(pos_max + 1, self.max_len - 1)
+            else:  # static shapes until the next sync: padded rows, one span covering the window
+                rows = pick_bucket(active, self.buckets)
+                span = span_bucket(pos_max, self.sync_every, self.g.decode.span_bucket, self.max_len)
+                for _ in range(self.sync_every):
+                    self.graphs(rows, span)
+        lengths = self.lengths[: self.trash].cpu()
+        tokens, logps = self.out_tok[: self.trash].cpu(), self.out_lp[: self.trash].cpu()
         return GenerationOutput(
             [tokens[i, : lengths[i]].tolist() for i in range(len(lengths))],
             [logps[i, : lengths[i]].tolist() for i in range(len(lengths))],
-            self.finished.cpu().tolist(),
+            self.finished[: self.trash].cpu().tolist(),
             self.g.weight_version,
-            {"gen_tokens": float(lengths.sum())},
+            self._stats(lengths),
         )
+
+    def _stats(self, lengths: torch.Tensor) -> dict[str, float]:
+        stats = {"gen_tokens": float(lengths.sum()), "decode_steps": float(self.t)}
+        if self.graphs is not None:
+            stats["decode_graphs"] = float(len(self.graphs.captured))
+            stats["decode_graph_replays"] = float(self.graphs.replays)
+        return stats

@@ -65,6 +65,24 @@ def estimate(
     )
 
 
+# ---- decode (the built-in generator) ------------------------------------------------------------------
+
+
+def kv_bytes_per_token(cfg: QwenConfig, tp: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes of one token on one rank: keys and values of every layer, KV heads split over TP."""
+    cfg.check_tp(tp)
+    width = torch.finfo(dtype).bits // 8
+    return cfg.num_hidden_layers * 2 * (cfg.num_key_value_heads // tp) * cfg.kv_channels * width
+
+
+def decode_weight_bytes(cfg: QwenConfig, tp: int, dtype: torch.dtype) -> int:
+    """Weight bytes one decode step reads on one rank: every weight except the input embedding table
+    (a lookup reads only the batch's rows), which a tied LM head does read in full."""
+    width = torch.finfo(dtype).bits // 8
+    embedding = 0 if cfg.tie_word_embeddings else cfg.padded_vocab_size(tp) // tp * cfg.hidden_size
+    return width * (params_per_rank(cfg, tp) - embedding)
+
+
 def format_table(rows: list[MemoryEstimate]) -> str:
     head = "| TP | DP | params total | params/rank | weights GiB | grads GiB | master GiB | Adam GiB | total GiB |"
     lines = [head, "|" + "---|" * 9]

@@ -6,6 +6,9 @@
   every 3 steps) == all rows at once, token for token; many EOS ids so rows finish at different steps.
 - gen/continuous_greedy_equals_hf: greedy under that schedule == HF generate per prompt.
 - gen/continuous_logprobs_match_trainer: sampled logprobs == the trainer's ``completion_logprobs``.
+- gen/bucketed_steps_equal_eager: the CUDA-graph schedule run uncaptured (``cuda_graphs=True`` on CPU:
+  rows padded to buckets, attention spans rounded up, a queue) == eager static batching, token for
+  token; several (rows, span) shapes are used and each is "captured" once, then replayed.
 - gen/non_finite_names_step: a NaN reached at a known decode step raises, naming that step.
 - gen/prompt_longer_than_context: a clear ValueError naming the prompt and the context.
 """
@@ -17,8 +20,8 @@ from common import Results, tiny_hf_model
 
 from engine.batching.logprobs import completion_logprobs
 from engine.batching.micro_batches import build_micro_batch
-from engine.rollout.base import SamplingConfig
-from engine.rollout.megatron_generator import DecodeConfig, MegatronGenerator
+from engine.rollout.base import DecodeConfig, SamplingConfig
+from engine.rollout.megatron_generator import MegatronGenerator
 from engine.rollout.sampling import VocabShard, sample_next, vocab_shard
 from models.qwen.config import QwenConfig
 from models.qwen.hf_mapping import state_dict_reader
@@ -91,6 +94,22 @@ def check_generator(res: Results) -> None:
     res.record("gen/continuous_logprobs_match_trainer", err <= 1e-5, max_abs=err)
     toks = torch.tensor([t for c in b.completion_ids for t in c] + [len(c) for c in b.completion_ids])
     res.record("gen/continuous_tp_lock_step", all(torch.equal(t, toks) for t in gather_tp_shards(toks)))
+
+    # 8 slots: buckets 1, 2, 4, 8 (so vacated slots get padded back in); a 5-position span bucket; rows leave and prompts queue.
+    graphs = DecodeConfig(max_batch_rows=8, sync_every=3, cuda_graphs=True, span_bucket=5)
+    c = MegatronGenerator(model, cfg.vocab_size, EOS, PAD, graphs).generate(prompts, n, s)
+    lp_diff = max(
+        abs(x - y)
+        for la, lc in zip(a.logprobs, c.logprobs, strict=True)
+        for x, y in zip(la, lc, strict=False)
+    )
+    shapes, replays = int(c.stats["decode_graphs"]), int(c.stats["decode_graph_replays"])
+    res.record(
+        "gen/bucketed_steps_equal_eager",
+        a.completion_ids == c.completion_ids and a.finished == c.finished and lp_diff <= 1e-5
+        and shapes >= 4 and replays > shapes,
+        max_abs=lp_diff, shapes=shapes, replays=replays,
+    )  # fmt: skip
 
     greedy = MegatronGenerator(model, cfg.vocab_size, EOS, PAD, DecodeConfig(max_batch_rows=2, sync_every=2))
     out = greedy.generate(prompts, 1, SamplingConfig(temperature=0.0, max_new_tokens=10))
