@@ -1,9 +1,9 @@
 """Decode steps replayed from CUDA graphs: one graph per (rows bucket, attention-span bucket).
 
-An eager decode step of the 1.5B launches ~800 small kernels (28 layers of norms, GEMMs, RoPE and
-attention, then the sampler); at 36 rows the step's memory traffic (3.1 GB of weights plus the KV
-cache) takes ~1-2 ms on an H200, less than launching those kernels from Python. A CUDA graph
-replays the whole step with one launch. A graph fixes shapes and addresses, so:
+An eager decode step of the 1.5B launches hundreds of small kernels from Python (28 layers of norms,
+GEMMs, RoPE and attention, then the sampler), while the bytes it must read (3.1 GB of weights plus
+the KV cache at 36 rows) take ~1.3 ms at 4.3 TB/s (arithmetic, not yet measured: no GPU so far). A
+CUDA graph replays the whole step with one launch. A graph fixes shapes and addresses, so:
 
 - the decode batch is padded up to a rows bucket (vLLM's sizes: 1, 2, 4, then multiples of 8, and the
   slot count). Padding slots are free slots: marked done, they write their K/V at position 0 of their

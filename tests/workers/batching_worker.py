@@ -17,7 +17,7 @@ On a tiny random GQA Qwen2 (vocab 300: padded columns on the last TP shard), at 
 from __future__ import annotations
 
 import torch
-from common import Results, tiny_hf_model
+from common import Results, megatron_from_hf, tiny_hf_model
 from megatron.core import tensor_parallel
 
 from engine.batching.logprobs import (
@@ -32,8 +32,7 @@ from engine.batching.normalisation import assign_loss_slices
 from engine.loss import LossConfig
 from engine.trainer import accumulate_policy_grads
 from models.qwen.config import QwenConfig
-from models.qwen.hf_mapping import state_dict_reader
-from models.qwen.model import build_model, forward_logits, gather_hf_state_dict, load_hf_weights
+from models.qwen.model import forward_logits, gather_hf_state_dict
 from parallel.collectives import all_reduce, all_reduce_dp
 from parallel.ddp import wrap_ddp
 from parallel.distributed import dp_rank, dp_size
@@ -60,12 +59,6 @@ def fixed_batch(vocab: int):
     adv = torch.randn(len(comps), generator=g)
     noise = [0.3 * torch.randn(len(c), generator=g) for c in comps]  # old = logp + noise: clipping live
     return prompts, comps, adv, noise
-
-
-def load(hf, cfg: QwenConfig) -> torch.nn.Module:
-    model = build_model(cfg)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
-    return model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -193,8 +186,8 @@ def check_objective(res: Results, hf, ref_hf, cfg: QwenConfig) -> None:
     n, dp = len(comps), dp_size()
     lo, hi = dp_rank() * n // dp, (dp_rank() + 1) * n // dp
     my_p, my_c, my_adv, my_noise = prompts[lo:hi], comps[lo:hi], adv[lo:hi], noise[lo:hi]
-    policy = wrap_ddp(load(hf, cfg))
-    ref_model = load(ref_hf, cfg)
+    policy = wrap_ddp(megatron_from_hf(hf, cfg))
+    ref_model = megatron_from_hf(ref_hf, cfg)
     lengths = [len(p) + len(c) for p, c in zip(my_p, my_c, strict=True)]
     longest = int(all_reduce(torch.tensor([max(lengths)]), torch.distributed.ReduceOp.MAX)[0])
     agree = lambda k: int(all_reduce_dp(torch.tensor([k]), torch.distributed.ReduceOp.MAX)[0])  # noqa: E731
@@ -279,7 +272,7 @@ def main() -> None:
     hf = tiny_hf_model("gqa_untied_v300")
     ref_hf = tiny_hf_model("gqa_untied_v300", seed=5)
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
-    model = load(hf, cfg)
+    model = megatron_from_hf(hf, cfg)
     res.run("chunked/logprobs", check_chunked, res, model, cfg.vocab_size)
     res.run("layout/unpacked_logprobs", check_layouts, res, model, cfg.vocab_size)
     res.run("objective/grads", check_objective, res, hf, ref_hf, cfg)

@@ -1,4 +1,5 @@
-"""Helpers for torchrun worker scripts: tiny HF Qwen2 models and a results recorder."""
+"""Helpers for torchrun worker scripts: tiny HF Qwen2 models, their Megatron copies, the generator-vs-trainer
+logprob check, and a results recorder."""
 
 from __future__ import annotations
 
@@ -51,6 +52,38 @@ def tiny_hf_model(variant: str = "gqa_untied_v300", seed: int = 0, **overrides):
             if name.endswith("norm.weight") or name.endswith("bias"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def megatron_from_hf(hf, cfg=None, activations=None) -> torch.nn.Module:
+    """A GPTModel at the current TP layout holding ``hf``'s weights (``cfg``: its QwenConfig, derived
+    from ``hf.config`` when None)."""
+    from models.qwen.config import QwenConfig
+    from models.qwen.hf_mapping import state_dict_reader
+    from models.qwen.model import build_model, load_hf_weights
+
+    cfg = cfg or QwenConfig.from_hf_dict(hf.config.to_dict())
+    model = build_model(cfg, activations=activations)
+    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
+    return model
+
+
+def trainer_logprob_error(
+    model, vocab_size: int, prompts, out, n: int, temperature: float, pad: int
+) -> float:
+    """max |generator logprob - trainer logprob| over ``out`` (``n`` completions per prompt), the trainer's
+    computed by ``completion_logprobs`` in micro-batches of 4 rows."""
+    from engine.batching.logprobs import completion_logprobs
+    from engine.batching.micro_batches import build_micro_batch
+
+    rows = [p for p in prompts for _ in range(n)]
+    worst = 0.0
+    for st in range(0, len(rows), 4):
+        mb = build_micro_batch(rows[st : st + 4], out.completion_ids[st : st + 4], slice(st, st + 4), pad)
+        with torch.no_grad():
+            lp, _ = completion_logprobs(model, mb, vocab_size, temperature=temperature)
+        for j, glp in enumerate(out.logprobs[st : st + 4]):
+            worst = max(worst, float((lp[j, : len(glp)] - torch.tensor(glp)).abs().max()))
+    return worst
 
 
 class Results:

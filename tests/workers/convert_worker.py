@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import TINY_VARIANTS, Results, tiny_hf_model
+from common import TINY_VARIANTS, Results, megatron_from_hf, tiny_hf_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -378,14 +378,12 @@ def roundtrip_tp2(res: Results, root: Path, variant: str) -> None:
 
 def model_save_load_tp2(res: Results, root: Path, variant: str) -> None:
     """The trainer's API: save a live TP2 model (random padding rows), reload it into another."""
-    from models.qwen.hf_mapping import state_dict_reader
-    from models.qwen.model import build_model, load_hf_weights
+    from models.qwen.model import build_model
 
     init_distributed(2)
     hf_model = tiny_hf_model(variant)
     cfg = QwenConfig.from_hf_dict(hf_model.config.to_dict())
-    model = build_model(cfg)  # randomly initialised, padding rows included
-    load_hf_weights(model, cfg, state_dict_reader(hf_model.state_dict(), cfg))
+    model = megatron_from_hf(hf_model, cfg)  # vocab padding rows keep their random init
     with torch.no_grad():
         emb = model.embedding.word_embeddings.weight
         emb[max(0, cfg.vocab_size - dist.get_rank() * emb.shape[0]) :] = 7.0  # junk in the padding

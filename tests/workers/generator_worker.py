@@ -16,16 +16,12 @@
 from __future__ import annotations
 
 import torch
-from common import Results, tiny_hf_model
+from common import Results, megatron_from_hf, tiny_hf_model, trainer_logprob_error
 
-from engine.batching.logprobs import completion_logprobs
-from engine.batching.micro_batches import build_micro_batch
 from engine.rollout.base import DecodeConfig, SamplingConfig
 from engine.rollout.megatron_generator import MegatronGenerator
 from engine.rollout.sampling import VocabShard, sample_next, vocab_shard
 from models.qwen.config import QwenConfig
-from models.qwen.hf_mapping import state_dict_reader
-from models.qwen.model import build_model, load_hf_weights
 from parallel.collectives import gather_tp_shards
 
 PAD = 0
@@ -53,24 +49,19 @@ def check_sampler(res: Results) -> None:
     res.record("sampler/tp_equals_full_vocab", ok and worst <= 1e-6, max_abs=worst)
 
 
-def trainer_logprobs_err(model, cfg, prompts, out, n: int, temperature: float) -> float:
-    rows = [p for p in prompts for _ in range(n)]
-    worst = 0.0
-    for st in range(0, len(rows), 4):
-        comps = out.completion_ids[st : st + 4]
-        mb = build_micro_batch(rows[st : st + 4], comps, slice(st, st + 4), PAD)
-        with torch.no_grad():
-            lp, _ = completion_logprobs(model, mb, cfg.vocab_size, temperature=temperature)
-        for j, glp in enumerate(out.logprobs[st : st + 4]):
-            worst = max(worst, float((lp[j, : len(glp)] - torch.tensor(glp)).abs().max()))
-    return worst
+def max_logprob_diff(a, b) -> float:
+    """max |logprob| difference between two outputs' common token positions."""
+    return max(
+        abs(x - y)
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True)
+        for x, y in zip(la, lb, strict=False)
+    )
 
 
 def check_generator(res: Results) -> None:
     hf = tiny_hf_model("gqa_untied_v300")
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
-    model = build_model(cfg)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
+    model = megatron_from_hf(hf, cfg)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(32, 300, (int(L),), generator=g).tolist() for L in (3, 9, 5, 12, 7)]
     n = 3
@@ -78,11 +69,7 @@ def check_generator(res: Results) -> None:
     queued = MegatronGenerator(model, cfg.vocab_size, EOS, PAD, DecodeConfig(max_batch_rows=n, sync_every=3))
     s = SamplingConfig(temperature=1.0, max_new_tokens=24, seed=21)
     a, b = static.generate(prompts, n, s), queued.generate(prompts, n, s)
-    lp_diff = max(
-        abs(x - y)
-        for la, lb in zip(a.logprobs, b.logprobs, strict=True)
-        for x, y in zip(la, lb, strict=False)
-    )
+    lp_diff = max_logprob_diff(a, b)
     res.record(
         "gen/continuous_equals_static",
         a.completion_ids == b.completion_ids and a.finished == b.finished and lp_diff <= 1e-5,
@@ -90,7 +77,7 @@ def check_generator(res: Results) -> None:
     )
     lengths = sorted({len(c) for c in b.completion_ids})
     res.record("gen/rows_finish_at_different_steps", len(lengths) >= 4 and any(b.finished), lengths=lengths)
-    err = trainer_logprobs_err(model, cfg, prompts, b, n, 1.0)
+    err = trainer_logprob_error(model, cfg.vocab_size, prompts, b, n, 1.0, PAD)
     res.record("gen/continuous_logprobs_match_trainer", err <= 1e-5, max_abs=err)
     toks = torch.tensor([t for c in b.completion_ids for t in c] + [len(c) for c in b.completion_ids])
     res.record("gen/continuous_tp_lock_step", all(torch.equal(t, toks) for t in gather_tp_shards(toks)))
@@ -98,11 +85,7 @@ def check_generator(res: Results) -> None:
     # 8 slots: buckets 1, 2, 4, 8 (so vacated slots get padded back in); a 5-position span bucket; rows leave and prompts queue.
     graphs = DecodeConfig(max_batch_rows=8, sync_every=3, cuda_graphs=True, span_bucket=5)
     c = MegatronGenerator(model, cfg.vocab_size, EOS, PAD, graphs).generate(prompts, n, s)
-    lp_diff = max(
-        abs(x - y)
-        for la, lc in zip(a.logprobs, c.logprobs, strict=True)
-        for x, y in zip(la, lc, strict=False)
-    )
+    lp_diff = max_logprob_diff(a, c)
     shapes, replays = int(c.stats["decode_graphs"]), int(c.stats["decode_graph_replays"])
     res.record(
         "gen/bucketed_steps_equal_eager",

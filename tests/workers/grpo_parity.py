@@ -10,17 +10,15 @@
 from __future__ import annotations
 
 import torch
-from common import Results, tiny_hf_model
+from common import Results, megatron_from_hf, tiny_hf_model, trainer_logprob_error
 
-from engine.batching.logprobs import completion_logprobs
 from engine.batching.micro_batches import build_micro_batch
 from engine.loss import LossConfig, grpo_loss
 from engine.rollout.base import SamplingConfig
 from engine.rollout.megatron_generator import MegatronGenerator
 from engine.trainer import accumulate_policy_grads
 from models.qwen.config import QwenConfig
-from models.qwen.hf_mapping import state_dict_reader
-from models.qwen.model import build_model, gather_hf_state_dict, load_hf_weights
+from models.qwen.model import gather_hf_state_dict
 from parallel.collectives import gather_tp_shards
 from parallel.ddp import wrap_ddp
 from parallel.distributed import dp_rank, dp_size
@@ -84,9 +82,7 @@ def check_grads(res: Results) -> None:
         clip += float(m["clip_frac"]) / len(gmbs)
 
     # Megatron at this layout: this DP rank's contiguous half, same micro-batch partition.
-    model = build_model(cfg)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
-    ddp = wrap_ddp(model)
+    ddp = wrap_ddp(megatron_from_hf(hf, cfg))
     per = n // dp_size()
     lo = dp_rank() * per
     mine = range(lo // MB, (lo + per) // MB)  # global micro-batch indices of this rank
@@ -119,8 +115,7 @@ def check_grads(res: Results) -> None:
 def check_generator(res: Results) -> None:
     hf = tiny_hf_model("gqa_untied_v300")
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
-    model = build_model(cfg)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
+    model = megatron_from_hf(hf, cfg)
     gen = MegatronGenerator(model, cfg.vocab_size, [EOS], PAD)
     rows, _, _ = fixed_batch(cfg.vocab_size)
     prompts = rows[::G]
@@ -161,14 +156,7 @@ def check_generator(res: Results) -> None:
         and all(len(c) == 8 for c, f in zip(a.completion_ids, a.finished, strict=True) if not f),
     )
     # Sampling logprobs (temperature-scaled) == the trainer's logprobs at the same temperature.
-    worst = 0.0
-    rows3 = [p for p in prompts for _ in range(3)]
-    for st in range(0, len(rows3), 4):
-        mb = build_micro_batch(rows3[st : st + 4], a.completion_ids[st : st + 4], slice(st, st + 4), PAD)
-        with torch.no_grad():
-            lp, _ = completion_logprobs(model, mb, cfg.vocab_size, temperature=0.7)
-        for j, glp in enumerate(a.logprobs[st : st + 4]):
-            worst = max(worst, float((lp[j, : len(glp)] - torch.tensor(glp)).abs().max()))
+    worst = trainer_logprob_error(model, cfg.vocab_size, prompts, a, 3, 0.7, PAD)
     res.record("gen/logprobs_match_trainer", worst <= 1e-5, max_abs=worst)
 
 

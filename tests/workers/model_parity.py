@@ -16,17 +16,16 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from common import TINY_VARIANTS, Results, tiny_hf_model
+from common import TINY_VARIANTS, Results, megatron_from_hf, tiny_hf_model
 
 from engine.batching.logprobs import gather_vocab, token_logprobs
 from models.qwen.config import ActivationOptions, QwenConfig
-from models.qwen.hf_mapping import mcore_shard_shape, rules, state_dict_reader
+from models.qwen.hf_mapping import mcore_shard_shape, rules
 from models.qwen.model import (
     build_model,
     forward_hidden,
     forward_logits,
     gather_hf_state_dict,
-    load_hf_weights,
     output_logits,
 )
 from parallel.ddp import wrap_ddp
@@ -65,9 +64,7 @@ def hf_grads(hf, cfg: QwenConfig) -> dict[str, torch.Tensor]:
 
 
 def load(hf, cfg: QwenConfig, activations: ActivationOptions | None):
-    model = build_model(cfg, activations=activations)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
-    return wrap_ddp(model)
+    return wrap_ddp(megatron_from_hf(hf, cfg, activations))
 
 
 def check_variant(

@@ -14,7 +14,7 @@ lengths (EOS-terminated short ones included), at this TP layout:
 from __future__ import annotations
 
 import torch
-from common import Results, tiny_hf_model
+from common import Results, megatron_from_hf, tiny_hf_model
 
 import engine.batching.logprobs as trainer_mod  # where the packed forward's layout and mask are used
 from engine.batching.logprobs import completion_logprobs
@@ -22,13 +22,10 @@ from engine.batching.micro_batches import build_micro_batches
 from engine.loss import LossConfig
 from engine.trainer import accumulate_policy_grads
 from models.qwen.config import QwenConfig
-from models.qwen.hf_mapping import state_dict_reader
 from models.qwen.model import (
     attention_mask,
-    build_model,
     forward_logits,
     gather_hf_state_dict,
-    load_hf_weights,
     rotary_freqs,
     unwrap,
 )
@@ -54,12 +51,6 @@ def fixed_batch(vocab: int):
             comps.append(c)
     adv = torch.randn(len(comps), generator=g)
     return prompts, comps, adv
-
-
-def load(hf, cfg: QwenConfig) -> torch.nn.Module:
-    model = build_model(cfg)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
-    return model
 
 
 def masked_max_abs(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -157,7 +148,7 @@ def check_grads(res: Results, hf, ref_model: torch.nn.Module, cfg: QwenConfig) -
         beta=0.04, kl_estimator="k3", clip_eps_low=0.2, clip_eps_high=0.28, num_iterations=2
     )
     prompts, comps, adv = fixed_batch(V)
-    ddp = wrap_ddp(load(hf, cfg))
+    ddp = wrap_ddp(megatron_from_hf(hf, cfg))
 
     def run(shared: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         # What train_step does: micro-batches, ref/old logprobs (LOGPROBS), then the TRAIN pass.
@@ -197,8 +188,8 @@ def main() -> None:
     res = Results.start()
     hf = tiny_hf_model("gqa_untied_v300")
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
-    policy = load(hf, cfg)
-    ref = load(tiny_hf_model("gqa_untied_v300", seed=5), cfg)  # a different reference: a live KL
+    policy = megatron_from_hf(hf, cfg)
+    ref = megatron_from_hf(tiny_hf_model("gqa_untied_v300", seed=5), cfg)  # a different reference: a live KL
     res.run("rope/arange_equals_plain", check_rope, res, policy, cfg.vocab_size)
     res.run("sp/logprobs_policy", check_logprobs, res, {"policy": policy, "ref": ref}, cfg.vocab_size)
     res.run("grpo/grads", check_grads, res, hf, ref, cfg)

@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from common import Results, tiny_hf_model
+from common import Results, megatron_from_hf, tiny_hf_model
 
 import engine.rollout.vllm_generator as vg
 from engine.batching.logprobs import completion_logprobs
@@ -32,8 +32,6 @@ from engine.phases import Phase, PhaseScheduler, TrainerOffload
 from engine.rollout.base import SamplingConfig
 from engine.weight_sync import WeightSyncError
 from models.qwen.config import QwenConfig
-from models.qwen.hf_mapping import state_dict_reader
-from models.qwen.model import build_model, load_hf_weights
 from parallel.distributed import init_distributed
 
 LP_TOL = 1e-5  # fp32, absolute, per token
@@ -130,8 +128,7 @@ def main() -> None:
     hf = tiny_hf_model("gqa_untied_v300", hidden_size=128)  # 4 heads -> head_dim 32
     cfg = QwenConfig.from_hf_dict(hf.config.to_dict())
     V = cfg.vocab_size
-    model = build_model(cfg)
-    load_hf_weights(model, cfg, state_dict_reader(hf.state_dict(), cfg))
+    model = megatron_from_hf(hf, cfg)
     model.eval()
 
     vcfg = vg.VLLMConfig(
